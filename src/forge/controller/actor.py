@@ -1,0 +1,280 @@
+"""``ForgeActor``: a Monarch ``Actor`` that can be spawned as one actor or as a service.
+
+``Cls.options(...)`` returns a configured subclass (the original class is untouched);
+``as_actor`` spawns one ProcMesh with the actor on it and returns Monarch's ActorMesh
+(``call_one``, ``choose``, ``call``, ``broadcast``, ``stream``); ``as_service`` spawns a
+service controller that owns ``num_replicas`` replicas and returns a ``ServiceHandle``.
+
+Two adaptations happen when a subclass is defined:
+
+* Monarch refuses an actor whose endpoints mix ``def`` and ``async def``. A Forge actor
+  may mix them: its sync endpoints are run as coroutines that never await, so each
+  still runs to completion, one message at a time, with the actor's state — what a
+  sync endpoint means.
+* A ``_forge_ping`` endpoint (of the actor's kind) is added for health probes. It goes
+  through the actor's mailbox, so a replica stuck in an endpoint does not answer it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import itertools
+import logging
+import os
+import uuid
+from typing import Any, ClassVar
+
+from monarch._src.actor.endpoint import EndpointProperty
+from monarch.actor import Actor, endpoint, this_host, this_proc
+
+from forge.controller.errors import ForgeUsageError, ReplicaFailed
+from forge.controller.options import PlacementOptions, ServiceOptions, parse_options
+from forge.controller.provisioner import (
+    CONTROLLER_ENV,
+    ensure_runtime,
+    gpu_allocator,
+    rank_env,
+    spawn_proc_mesh,
+)
+
+logger = logging.getLogger("forge.controller")
+
+_PING = "_forge_ping"
+# Names a service handle or a Monarch ActorMesh uses itself; an endpoint may not take them.
+_RESERVED_SERVICE_NAMES = {"session", "statistics", "shutdown"}
+_actor_counter = itertools.count()
+
+
+def _endpoints_of(cls: type) -> dict[str, EndpointProperty]:
+    return {
+        name: attr
+        for name in dir(cls)
+        if isinstance(attr := getattr(cls, name, None), EndpointProperty)
+    }
+
+
+def _run_to_completion(method: Any) -> Any:
+    @functools.wraps(method)
+    async def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return method(self, *args, **kwargs)
+
+    return run
+
+
+def _adapt_endpoints(cls: type) -> None:
+    """Make a mix of sync and async endpoints legal, and add the health-probe endpoint."""
+    endpoints = {n: e for n, e in _endpoints_of(cls).items() if n != _PING}
+    is_async = {n: inspect.iscoroutinefunction(e._method) for n, e in endpoints.items()}
+    if any(is_async.values()) and not all(is_async.values()):
+        for name, prop in endpoints.items():
+            if not is_async[name]:
+                setattr(
+                    cls,
+                    name,
+                    EndpointProperty(
+                        _run_to_completion(prop._method),
+                        prop._propagator,
+                        prop._explicit_response_port,
+                        prop._instrument,
+                    ),
+                )
+        cleanup = cls.__dict__.get("__cleanup__")
+        if cleanup is not None and not inspect.iscoroutinefunction(cleanup):
+            cls.__cleanup__ = _run_to_completion(cleanup)
+    all_sync = bool(endpoints) and not any(is_async.values())
+    if all_sync:
+        def ping(self: Any) -> int:
+            return os.getpid()
+    else:
+        async def ping(self: Any) -> int:
+            return os.getpid()
+    ping.__name__ = ping.__qualname__ = _PING
+    setattr(cls, _PING, endpoint(ping))
+
+
+class ForgeActor(Actor):
+    """Base class of Forge actors and services. See the module docstring."""
+
+    _forge_placement: ClassVar[PlacementOptions] = PlacementOptions()
+    _forge_service_options: ClassVar[ServiceOptions] = ServiceOptions()
+    _forge_base: ClassVar[type | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_forge_base" not in cls.__dict__:
+            cls._forge_base = cls
+            _adapt_endpoints(cls)
+
+    @classmethod
+    def options(
+        cls,
+        *,
+        procs: int = 1,
+        num_replicas: int = 1,
+        with_gpus: bool = False,
+        hosts: int | None = None,
+        **service_options: Any,
+    ) -> "type[ForgeActor]":
+        """A copy of this class configured with placement and service options.
+
+        Raises ``ValueError`` for an unknown option or an invalid value, before anything
+        is spawned. See ``forge.controller.options`` for the service options.
+        """
+        placement, options = parse_options(
+            PlacementOptions(),
+            ServiceOptions(),
+            dict(procs=procs, num_replicas=num_replicas, with_gpus=with_gpus, hosts=hosts, **service_options),
+        )
+        base = cls._forge_base or cls
+        return type(
+            base.__name__,
+            (base,),
+            {
+                "_forge_base": base,
+                "_forge_placement": placement,
+                "_forge_service_options": options,
+                "__module__": base.__module__,
+                "__qualname__": base.__qualname__,
+                "__doc__": base.__doc__,
+            },
+        )
+
+    # ---- one actor -------------------------------------------------------------
+
+    @classmethod
+    async def as_actor(cls, *args: Any, **kwargs: Any) -> Any:
+        """Spawn ``procs`` processes with one actor each; returns the Monarch ActorMesh.
+
+        The ``setup`` endpoint, if the class has one, is awaited on every rank first.
+        Stop it with ``await Cls.shutdown(actor)``.
+        """
+        placement = cls._forge_placement
+        base = cls._forge_base or cls
+        if placement.num_replicas != 1:
+            raise ValueError(
+                f"{base.__name__}.as_actor() spawns one actor mesh, but num_replicas="
+                f"{placement.num_replicas}; use as_service() for replicas"
+            )
+        ensure_runtime()
+        name = f"{base.__name__}_{next(_actor_counter)}"
+        gpus = gpu_allocator.allocate(placement.procs, f"{base.__name__}.as_actor()") if placement.with_gpus else None
+        proc_mesh = None
+        try:
+            proc_mesh = spawn_proc_mesh(this_host(), placement.procs, rank_env(placement.procs, gpus), name=name)
+            actors = proc_mesh.spawn(name, base, *args, **kwargs)
+            try:
+                await actors._forge_ping.call()
+            except Exception as e:
+                raise ReplicaFailed(f"{base.__name__} failed to start: {e}") from None
+            if "setup" in _endpoints_of(base):
+                await actors.setup.call()
+        except BaseException:
+            if proc_mesh is not None:
+                await _stop_quietly(proc_mesh)
+            if gpus:
+                gpu_allocator.release(gpus)
+            raise
+        _actor_resources[id(actors)] = (proc_mesh, gpus)
+        return actors
+
+    # ---- a service -------------------------------------------------------------
+
+    @classmethod
+    async def as_service(cls, *args: Any, **kwargs: Any) -> Any:
+        """Spawn ``num_replicas`` replicas of ``procs`` processes each; returns a ServiceHandle."""
+        from forge.controller.service.controller import ServiceController, ServiceSpec
+        from forge.controller.service.handle import ServiceHandle
+
+        placement, options = cls._forge_placement, cls._forge_service_options
+        base = cls._forge_base or cls
+        endpoints = tuple(sorted(n for n in _endpoints_of(base) if n != _PING))
+        clashes = sorted(set(endpoints) & _RESERVED_SERVICE_NAMES)
+        if clashes:
+            raise ValueError(
+                f"{base.__name__} has endpoint(s) {clashes} whose names a service handle uses "
+                f"itself ({sorted(_RESERVED_SERVICE_NAMES)}); rename them"
+            )
+        ensure_runtime()
+        name = f"{base.__name__}_{next(_actor_counter)}"
+        gpus = None
+        if placement.with_gpus:
+            flat = gpu_allocator.allocate(
+                placement.procs * placement.num_replicas, f"{base.__name__}.as_service()"
+            )
+            gpus = tuple(
+                tuple(flat[i * placement.procs : (i + 1) * placement.procs])
+                for i in range(placement.num_replicas)
+            )
+        spec = ServiceSpec(
+            name=name,
+            actor_class=base,
+            args=args,
+            kwargs=kwargs,
+            placement=placement,
+            options=options,
+            gpus_per_replica=gpus,
+            has_setup="setup" in endpoints,
+        )
+        owner = _ServiceOwner(gpus)
+        try:
+            owner.proc_mesh = spawn_proc_mesh(this_host(), 1, [dict(CONTROLLER_ENV)], name=f"{name}_controller")
+            controller = owner.proc_mesh.spawn(f"{name}_controller", ServiceController, spec)
+            membership = await controller.start.choose()
+        except BaseException as e:
+            await owner.stop()
+            if type(e).__name__ == "ActorError" and getattr(e, "exception", None) is not None:
+                raise e.exception from None
+            raise
+        return ServiceHandle(
+            name, uuid.uuid4().hex, endpoints, placement, options, controller, membership, owner
+        )
+
+    @classmethod
+    async def shutdown(cls, actor: Any) -> None:
+        """Stop an actor from ``as_actor`` or a service from ``as_service``."""
+        from forge.controller.service.handle import ServiceHandle
+
+        if isinstance(actor, ServiceHandle):
+            await actor.shutdown()
+            return
+        resources = _actor_resources.pop(id(actor), None)
+        if resources is None:
+            raise ForgeUsageError(
+                f"{cls.__name__}.shutdown() got {actor!r}, which is not an actor this process "
+                "spawned with as_actor() (or it was shut down already)"
+            )
+        proc_mesh, gpus = resources
+        try:
+            await proc_mesh.stop()
+        finally:
+            if gpus:
+                gpu_allocator.release(gpus)
+
+
+# id(ActorMesh) -> (ProcMesh, GPUs) of actors spawned by as_actor in this process.
+_actor_resources: dict[int, tuple[Any, list[str] | None]] = {}
+
+
+class _ServiceOwner:
+    """What only the creating process holds of a service: the controller's processes and GPUs."""
+
+    def __init__(self, gpus: Any) -> None:
+        self.proc_mesh: Any = None
+        self._gpus = [d for replica in gpus for d in replica] if gpus else []
+
+    async def stop(self) -> None:
+        if self.proc_mesh is not None:
+            mesh, self.proc_mesh = self.proc_mesh, None
+            await _stop_quietly(mesh)
+        if self._gpus:
+            gpu_allocator.release(self._gpus)
+            self._gpus = []
+
+
+async def _stop_quietly(proc_mesh: Any) -> None:
+    try:
+        await asyncio.wait_for(proc_mesh.stop(), 30)
+    except Exception as e:  # already broken: its processes are gone or going
+        logger.info("stopping a proc mesh: %s", e)

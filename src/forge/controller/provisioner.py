@@ -1,0 +1,137 @@
+"""Processes for actors and replicas: GPU allocation, per-process environment, runtime setup.
+
+Every Forge process gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and a
+free ``MASTER_PORT`` so ``torch.distributed`` works inside a replica, and with
+``with_gpus=True`` its own ``CUDA_VISIBLE_DEVICES``. The environment is passed through
+Monarch's per-rank bootstrap command, never by mutating the caller's ``os.environ``.
+
+``ensure_runtime()`` runs once per process on the first spawn (never at import): it
+replaces Monarch's default fault hook, which would otherwise exit the client when any
+child process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from typing import Any
+
+logger = logging.getLogger("forge.controller")
+
+# Environment Forge gives the service controller process: Monarch then notices a dead
+# replica process within about a second instead of ten (see MONARCH_NOTES.md).
+CONTROLLER_ENV = {
+    "HYPERACTOR_MESH_SUPERVISION_POLL_FREQUENCY": "1s",
+    "MONARCH_FILE_LOG": os.environ.get("MONARCH_FILE_LOG", "error"),
+}
+
+_runtime_lock = threading.Lock()
+_runtime_ready = False
+
+
+def _forge_fault_hook(failure: Any) -> None:
+    """Keep the client alive when a child mesh fails; Forge's owners deal with it."""
+    logger.warning("a Forge process failed and its owner was told: %s", str(failure)[:500])
+
+
+def ensure_runtime() -> None:
+    """Install Forge's Monarch fault hook once, unless the user installed their own."""
+    global _runtime_ready
+    with _runtime_lock:
+        if _runtime_ready:
+            return
+        import monarch.actor
+        from monarch._src.actor import supervision
+
+        if monarch.actor.unhandled_fault_hook is supervision.unhandled_fault_hook:
+            monarch.actor.unhandled_fault_hook = _forge_fault_hook
+        _runtime_ready = True
+
+
+def free_port() -> int:
+    """A TCP port that is free now on this host (for MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def visible_gpus() -> list[str]:
+    """Device ids this process may hand out: ``CUDA_VISIBLE_DEVICES`` when set, else all GPUs."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (subprocess.SubprocessError, OSError) as e:
+        logger.warning("nvidia-smi failed (%s); treating this host as having no GPUs", e)
+        return []
+    return [str(i) for i, line in enumerate(l for l in listing.splitlines() if l.startswith("GPU "))]
+
+
+class GpuAllocator:
+    """Hands out this host's GPUs to replicas, one device per process, never twice."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_use: set[str] = set()
+
+    def allocate(self, num_devices: int, what: str) -> list[str]:
+        with self._lock:
+            devices = visible_gpus()
+            free = [d for d in devices if d not in self._in_use]
+            if num_devices > len(free):
+                raise ValueError(
+                    f"{what} needs {num_devices} GPU(s) (with_gpus=True gives each process one) "
+                    f"but this host has {len(devices)} visible GPU(s) of which {len(free)} are "
+                    "free; lower procs or num_replicas, free GPUs, or use with_gpus=False"
+                )
+            taken = free[:num_devices]
+            self._in_use.update(taken)
+            return taken
+
+    def release(self, devices: list[str]) -> None:
+        with self._lock:
+            self._in_use.difference_update(devices)
+
+
+gpu_allocator = GpuAllocator()
+
+
+def rank_env(num_procs: int, gpus: list[str] | None, extra: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """The environment of each rank of one replica (or actor) of ``num_procs`` processes."""
+    master_port = str(free_port())
+    envs = []
+    for rank in range(num_procs):
+        env = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(num_procs),
+            "LOCAL_WORLD_SIZE": str(num_procs),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": master_port,
+        }
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
+        env.update(extra or {})
+        envs.append(env)
+    return envs
+
+
+def spawn_proc_mesh(host: Any, num_procs: int, envs: list[dict[str, str]], name: str) -> Any:
+    """Spawn ``num_procs`` processes on ``host`` (a Monarch HostMesh), rank i with ``envs[i]``."""
+    from monarch.actor import default_bootstrap_cmd
+
+    base = default_bootstrap_cmd()
+
+    def command_for(point: Any) -> Any:
+        return base.with_env(envs[point.rank])
+
+    return host.spawn_procs(per_host={"procs": num_procs}, bootstrap_command=command_for, name=name)

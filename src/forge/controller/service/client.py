@@ -1,0 +1,342 @@
+"""The calling side of a service: replica choice, queueing, retries and failover.
+
+One ``ServiceClient`` exists per service per event loop in each process that uses a
+handle; every copy of the handle there shares it. It keeps the membership it learns
+from the controller (a long-poll ``watch`` task it owns), a slot per healthy replica
+with its concurrency limit and counters, and the sessions of the tasks in it.
+
+A request goes straight from here to the chosen replica (one Monarch hop). When that
+replica's process dies, the call fails with a supervision error or is cancelled as soon
+as the membership says the replica is gone, and it is sent again to another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from monarch.actor import ActorError
+
+from forge.controller.errors import EndpointError, ReplicaFailed, ServiceUnavailable
+from forge.controller.options import ServiceOptions
+from forge.controller.service.routers import ReplicaLoad
+from forge.controller.service.types import Membership, ReplicaFailure, ReplicaRef
+
+logger = logging.getLogger("forge.service")
+
+_WATCH_TIMEOUT_S = 5.0
+_LATENCY_WINDOW = 2048
+
+
+class _ReplicaGone(Exception):
+    """Internal: the replica a call was sent to died or left the service."""
+
+    def __init__(self, replica_id: int, reason: str) -> None:
+        super().__init__(reason)
+        self.replica_id = replica_id
+        self.reason = reason
+
+
+def endpoint_error(actor_error: ActorError, endpoint: str, replica_id: int | None) -> EndpointError:
+    """Turn Monarch's ``ActorError`` into Forge's ``EndpointError``, keeping the remote traceback."""
+    original = getattr(actor_error, "exception", None)
+    type_name = (
+        f"{type(original).__module__}.{type(original).__qualname__}" if original is not None else "Exception"
+    )
+    message = str(original) if original is not None else str(actor_error)
+    remote_tb = str(getattr(actor_error, "exception_formatted", "") or actor_error)
+    return EndpointError(endpoint, original, type_name, message, remote_tb, replica_id)
+
+
+def is_infrastructure_error(error: BaseException) -> bool:
+    """A failure of the process or actor, not of user code (Monarch's SupervisionError)."""
+    return type(error).__name__ == "SupervisionError"
+
+
+class _Slot:
+    """One healthy replica generation as this process sees it."""
+
+    def __init__(self, ref: ReplicaRef, max_concurrent: int, history: "_Slot | None") -> None:
+        self.ref = ref
+        self.load = ReplicaLoad(ref.replica_id, 0, 0)
+        self.semaphore = asyncio.Semaphore(max_concurrent)
+        self.calls: set[asyncio.Future] = set()
+        self.is_gone = False
+        self._endpoints: dict[str, Any] = {}
+        self.completed = history.completed if history else 0
+        self.failed = history.failed if history else 0
+        self.latencies_s: collections.deque[float] = (
+            history.latencies_s if history else collections.deque(maxlen=_LATENCY_WINDOW)
+        )
+
+    def endpoint(self, name: str) -> Any:
+        ep = self._endpoints.get(name)
+        if ep is None:
+            ep = self._endpoints[name] = getattr(self.ref.actors, name)
+        return ep
+
+    def leave(self) -> None:
+        """The replica left the service: cancel calls still waiting on it (they are resent)."""
+        self.is_gone = True
+        for call in list(self.calls):
+            call.cancel()
+
+
+@dataclass
+class _Session:
+    slot: _Slot | None = None
+
+
+async def _await_monarch(future: Any) -> Any:
+    return await future
+
+
+class ServiceClient:
+    """Routes calls of one service from one process (see the module docstring)."""
+
+    def __init__(self, name: str, controller: Any, options: ServiceOptions, membership: Membership) -> None:
+        self.name = name
+        self._controller = controller
+        self._options = options
+        self._router = options.router_factory()
+        self._slots: dict[int, _Slot] = {}
+        self._retired: dict[int, _Slot] = {}  # last slot of replicas that left, for statistics
+        self._healthy_loads: list[ReplicaLoad] = []
+        self._epoch = -1
+        self._changed: asyncio.Future | None = None
+        self._sessions: "weakref.WeakKeyDictionary[asyncio.Task, list[_Session]]" = weakref.WeakKeyDictionary()
+        self._watcher: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        self._broken: str | None = None
+        self.membership = membership
+        self.apply(membership)
+
+    # ---- membership ------------------------------------------------------------
+
+    def apply(self, membership: Membership) -> None:
+        if membership.epoch <= self._epoch:
+            return
+        self._epoch = membership.epoch
+        self.membership = membership
+        if membership.is_shut_down:
+            self._broken = f"service {self.name!r} has been shut down"
+        new_slots: dict[int, _Slot] = {}
+        for ref in membership.replicas:
+            old = self._slots.get(ref.replica_id)
+            if old is not None and old.ref.generation == ref.generation and not old.is_gone:
+                new_slots[ref.replica_id] = old
+            else:
+                history = old or self._retired.get(ref.replica_id)
+                new_slots[ref.replica_id] = _Slot(ref, self._options.max_concurrent_requests, history)
+        for replica_id, old in self._slots.items():
+            if new_slots.get(replica_id) is not old:
+                old.leave()
+                self._retired[replica_id] = old
+        self._slots = new_slots
+        self._healthy_loads = [s.load for s in sorted(new_slots.values(), key=lambda s: s.ref.replica_id)]
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+
+    def _drop_slot(self, slot: _Slot, reason: str) -> None:
+        """This process saw the replica fail: stop using it and tell the controller."""
+        if self._slots.get(slot.ref.replica_id) is slot:
+            del self._slots[slot.ref.replica_id]
+            self._retired[slot.ref.replica_id] = slot
+            self._healthy_loads = [l for l in self._healthy_loads if l is not slot.load]
+        if not slot.is_gone:
+            slot.leave()
+            self._spawn(self._report(slot.ref, reason))
+
+    async def _report(self, ref: ReplicaRef, reason: str) -> None:
+        try:
+            await asyncio.wait_for(
+                _await_monarch(self._controller.report_failure.choose(ref.replica_id, ref.generation, reason)),
+                _WATCH_TIMEOUT_S,
+            )
+        except Exception as e:  # the controller finds dead replicas itself too; log and go on
+            logger.info("service %s: could not report replica %d failure: %s", self.name, ref.replica_id, e)
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None and self._broken is None:
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while self._broken is None:
+            try:
+                membership = await asyncio.wait_for(
+                    _await_monarch(self._controller.watch.choose(self._epoch, _WATCH_TIMEOUT_S)),
+                    3 * _WATCH_TIMEOUT_S,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the controller is gone, so is the service
+                self._broken = f"service {self.name!r} controller is unreachable: {e}"
+                self._notify()
+                return
+            self.apply(membership)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Cancel this client's background tasks (watcher and failure reports)."""
+        self._broken = self._broken or f"service {self.name!r} has been shut down"
+        tasks = [t for t in [self._watcher, *self._background] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._notify()
+
+    # ---- choosing a replica ----------------------------------------------------
+
+    async def _wait_for_change(self, deadline: float) -> None:
+        self._ensure_watcher()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServiceUnavailable(
+                f"service {self.name!r}: no healthy replica within {self._options.unavailable_timeout_s} s "
+                "(unavailable_timeout_s); see service.statistics() for replica states"
+            )
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._changed), remaining)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _pick(self, session: _Session | None) -> _Slot:
+        deadline: float | None = None
+        while True:
+            if self._broken is not None:
+                raise ServiceUnavailable(self._broken)
+            if self._healthy_loads:
+                if session is not None and session.slot is not None and not session.slot.is_gone:
+                    return session.slot
+                load = self._router.choose(self._healthy_loads, asyncio.current_task())
+                slot = self._slots[load.replica_id]
+                if session is not None:
+                    session.slot = slot
+                return slot
+            if deadline is None:
+                deadline = time.monotonic() + self._options.unavailable_timeout_s
+            await self._wait_for_change(deadline)
+
+    # ---- calls -----------------------------------------------------------------
+
+    async def _call(self, slot: _Slot, method: str, args: tuple, kwargs: dict, all_ranks: bool) -> Any:
+        """One call to one replica. Raises ``_ReplicaGone`` for infrastructure failures."""
+        load = slot.load
+        load.queued += 1
+        try:
+            await slot.semaphore.acquire()
+        finally:
+            load.queued -= 1
+        try:
+            if slot.is_gone:
+                raise _ReplicaGone(slot.ref.replica_id, "replica left the service")
+            load.in_flight += 1
+            started = time.perf_counter()
+            endpoint = slot.endpoint(method)
+            future = endpoint.choose(*args, **kwargs) if slot.ref.num_procs == 1 else endpoint.call(*args, **kwargs)
+            call = asyncio.ensure_future(_await_monarch(future))
+            slot.calls.add(call)
+            try:
+                result = await call
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if slot.is_gone and call.cancelled() and (task is None or task.cancelling() == 0):
+                    raise _ReplicaGone(slot.ref.replica_id, "replica left the service") from None
+                raise
+            except ActorError as e:
+                slot.failed += 1
+                raise endpoint_error(e, f"{method}", slot.ref.replica_id) from None
+            except Exception as e:
+                if not is_infrastructure_error(e):
+                    raise
+                slot.failed += 1
+                self._drop_slot(slot, str(e)[:300])
+                raise _ReplicaGone(slot.ref.replica_id, str(e)[:300]) from None
+            finally:
+                slot.calls.discard(call)
+                load.in_flight -= 1
+            slot.completed += 1
+            slot.latencies_s.append(time.perf_counter() - started)
+        finally:
+            slot.semaphore.release()
+        if slot.ref.num_procs == 1:
+            return [result] if all_ranks else result
+        values = [v for _, v in sorted(result.items(), key=lambda pv: pv[0].rank)]
+        return values if all_ranks else values[0]
+
+    def _session(self) -> _Session | None:
+        stack = self._sessions.get(asyncio.current_task())
+        return stack[-1] if stack else None
+
+    async def route(self, method: str, args: tuple, kwargs: dict) -> Any:
+        """Call ``method`` on one healthy replica; infrastructure failures are retried elsewhere."""
+        self._ensure_watcher()
+        session = self._session()
+        give_up_at: float | None = None
+        while True:
+            slot = await self._pick(session)
+            try:
+                return await self._call(slot, method, args, kwargs, self._options.all_ranks)
+            except _ReplicaGone as gone:
+                now = time.monotonic()
+                give_up_at = give_up_at or now + self._options.unavailable_timeout_s
+                if now > give_up_at:
+                    raise ServiceUnavailable(
+                        f"service {self.name!r}: {method} failed on every replica tried for "
+                        f"{self._options.unavailable_timeout_s} s; last: replica {gone.replica_id}: {gone.reason}"
+                    ) from None
+                logger.info("service %s: %s resent after replica %d failed", self.name, method, gone.replica_id)
+
+    async def fanout(self, method: str, args: tuple, kwargs: dict) -> list[Any]:
+        """Call ``method`` on every healthy replica; results in replica order."""
+        self._ensure_watcher()
+        if not self._healthy_loads:
+            await self._pick(None)
+        slots = sorted(self._slots.values(), key=lambda s: s.ref.replica_id)
+        results = await asyncio.gather(
+            *(self._call(s, method, args, kwargs, self._options.all_ranks) for s in slots),
+            return_exceptions=True,
+        )
+        out = []
+        for slot, result in zip(slots, results):
+            if isinstance(result, _ReplicaGone):
+                result = ReplicaFailed(
+                    f"service {self.name!r}: replica {slot.ref.replica_id} failed during "
+                    f"{method}.fanout(): {result.reason}",
+                    slot.ref.replica_id,
+                )
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError) or not self._options.fanout_partial:
+                    raise result
+                result = ReplicaFailure(slot.ref.replica_id, result)
+            out.append(result)
+        return out
+
+    # ---- sessions and statistics ----------------------------------------------
+
+    def enter_session(self) -> None:
+        self._sessions.setdefault(asyncio.current_task(), []).append(_Session())
+
+    def exit_session(self) -> None:
+        stack = self._sessions.get(asyncio.current_task())
+        if stack:
+            stack.pop()
+
+    def counters(self) -> dict[int, _Slot]:
+        merged = dict(self._retired)
+        merged.update(self._slots)
+        return merged

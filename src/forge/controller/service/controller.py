@@ -1,0 +1,270 @@
+"""The service controller: one actor per service that owns its replicas' lifecycle.
+
+It runs in a process of its own, spawned with Monarch's supervision poll tuned to one
+second, and it owns every replica's ProcMesh, so a dead replica process reaches its
+``__supervise__`` within about a second. It also probes every replica on a timer (a
+replica silent for ``health_probe_timeout_s`` is hung), rebuilds failed replicas in the
+background with the same constructor arguments and ``setup``, and holds a replica that
+keeps failing out for a cool-down (circuit breaker).
+
+Handles never send requests through the controller: they call replicas directly and
+only ask the controller for the membership (``watch``), so the controller is not on
+the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from monarch.actor import Actor, concurrent_endpoint, endpoint, this_host
+
+from forge.controller.errors import ReplicaFailed
+from forge.controller.options import PlacementOptions, ServiceOptions
+from forge.controller.provisioner import rank_env, spawn_proc_mesh
+from forge.controller.service.types import Membership, ReplicaHealth, ReplicaRef, ReplicaState
+
+logger = logging.getLogger("forge.service")
+
+_STOP_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """Everything needed to (re)build any replica of a service."""
+
+    name: str
+    actor_class: type
+    args: tuple
+    kwargs: dict
+    placement: PlacementOptions
+    options: ServiceOptions
+    gpus_per_replica: tuple[tuple[str, ...], ...] | None
+    has_setup: bool
+
+
+@dataclass
+class _Replica:
+    replica_id: int
+    state: ReplicaState = ReplicaState.STARTING
+    generation: int = 0
+    proc_mesh: Any = None
+    actors: Any = None
+    pids: tuple[int, ...] = ()
+    restart_times: list[float] = field(default_factory=list)
+    num_restarts: int = 0
+    last_failure: str | None = None
+    is_probing: bool = False
+
+    def mesh_prefix(self, service: str) -> str:
+        return f"{service}_r{self.replica_id}_g{self.generation}"
+
+
+class ServiceController(Actor):
+    """Owns the replicas of one service. Endpoints are called by Forge, not by users."""
+
+    def __init__(self, spec: ServiceSpec) -> None:
+        self._spec = spec
+        self._replicas = [_Replica(i) for i in range(spec.placement.num_replicas)]
+        self._epoch = 0
+        self._epoch_changed: asyncio.Future | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._is_shut_down = False
+
+    # ---- endpoints -------------------------------------------------------------
+
+    @endpoint
+    async def start(self) -> Membership:
+        """Spawn every replica; if any fails to start, stop them all and raise."""
+        results = await asyncio.gather(
+            *(self._spawn(r) for r in self._replicas), return_exceptions=True
+        )
+        errors = [(r, e) for r, e in zip(self._replicas, results) if isinstance(e, BaseException)]
+        if errors:
+            await self._stop_all()
+            replica, error = errors[0]
+            raise ReplicaFailed(
+                f"service {self._spec.name!r}: replica {replica.replica_id} failed to start: {error}",
+                replica.replica_id,
+            )
+        self._own(asyncio.ensure_future(self._probe_loop()))
+        self._bump()
+        return self._membership()
+
+    @concurrent_endpoint
+    async def watch(self, known_epoch: int, timeout_s: float) -> Membership:
+        """The membership as soon as it differs from ``known_epoch`` (or after ``timeout_s``)."""
+        if known_epoch == self._epoch and not self._is_shut_down:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._changed_future()), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self._membership()
+
+    @endpoint
+    async def report_failure(self, replica_id: int, generation: int, reason: str) -> None:
+        """A handle saw an infrastructure error from a replica: take it out and rebuild it."""
+        replica = self._replicas[replica_id]
+        if replica.generation == generation and replica.state == ReplicaState.HEALTHY:
+            self._fail(replica, f"reported by a caller: {reason}")
+
+    @endpoint
+    async def health(self) -> list[ReplicaHealth]:
+        return [
+            ReplicaHealth(
+                r.replica_id, r.state, r.generation, r.num_restarts, r.last_failure, r.pids
+            )
+            for r in self._replicas
+        ]
+
+    @endpoint
+    async def shutdown_service(self) -> None:
+        self._is_shut_down = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_all()
+        self._bump()
+
+    def __supervise__(self, failure: Any) -> bool:
+        """A replica's process died: take the replica out and rebuild it. Always handled."""
+        mesh_name = str(getattr(failure, "mesh_name", ""))
+        for replica in self._replicas:
+            if replica.state == ReplicaState.HEALTHY and mesh_name.startswith(
+                replica.mesh_prefix(self._spec.name)
+            ):
+                self._fail(replica, f"process died: {str(failure)[:300]}")
+        return True
+
+    # ---- replica lifecycle -----------------------------------------------------
+
+    async def _spawn(self, replica: _Replica) -> None:
+        spec = self._spec
+        num_procs = spec.placement.procs
+        gpus = list(spec.gpus_per_replica[replica.replica_id]) if spec.gpus_per_replica else None
+        envs = rank_env(num_procs, gpus, {"FORGE_REPLICA_ID": str(replica.replica_id)})
+        prefix = replica.mesh_prefix(spec.name)
+        replica.proc_mesh = spawn_proc_mesh(this_host(), num_procs, envs, name=f"{prefix}_procs")
+        replica.actors = replica.proc_mesh.spawn(prefix, spec.actor_class, *spec.args, **spec.kwargs)
+
+        async def start_replica() -> None:
+            pids = await replica.actors._forge_ping.call()
+            replica.pids = tuple(pid for _, pid in pids.items())
+            if spec.has_setup:
+                await replica.actors.setup.call()
+
+        await asyncio.wait_for(start_replica(), spec.options.spawn_timeout_s)
+        replica.state = ReplicaState.HEALTHY
+
+    def _fail(self, replica: _Replica, reason: str) -> None:
+        logger.warning("service %s: replica %d failed: %s", self._spec.name, replica.replica_id, reason)
+        replica.state = ReplicaState.FAILED
+        replica.last_failure = reason
+        self._bump()
+        if not self._is_shut_down:
+            self._own(asyncio.ensure_future(self._recover(replica)))
+
+    async def _recover(self, replica: _Replica) -> None:
+        """Stop the failed replica and rebuild it, with a cool-down when it keeps failing."""
+        options = self._spec.options
+        await self._stop_replica(replica)
+        while not self._is_shut_down:
+            now = time.monotonic()
+            replica.restart_times = [t for t in replica.restart_times if now - t < options.restart_window_s]
+            if len(replica.restart_times) >= options.max_restarts:
+                replica.state = ReplicaState.COOLING_DOWN
+                logger.warning(
+                    "service %s: replica %d failed %d times in %.0f s; holding it out for %.0f s",
+                    self._spec.name, replica.replica_id, len(replica.restart_times),
+                    options.restart_window_s, options.restart_cooldown_s,
+                )
+                await asyncio.sleep(options.restart_cooldown_s)
+                replica.restart_times.clear()
+            replica.restart_times.append(time.monotonic())
+            replica.state = ReplicaState.REBUILDING
+            replica.generation += 1
+            replica.num_restarts += 1
+            try:
+                await self._spawn(replica)
+            except Exception as e:  # a rebuild that fails is retried after the breaker's rules
+                replica.last_failure = f"rebuild failed: {e}"
+                logger.warning("service %s: rebuilding replica %d failed: %s", self._spec.name, replica.replica_id, e)
+                await self._stop_replica(replica)
+                continue
+            logger.info("service %s: replica %d is back (generation %d)", self._spec.name, replica.replica_id, replica.generation)
+            self._bump()
+            return
+
+    async def _stop_replica(self, replica: _Replica) -> None:
+        """Stop a replica's processes; kill them outright if Monarch cannot stop them in time."""
+        mesh, pids = replica.proc_mesh, replica.pids
+        replica.proc_mesh, replica.actors, replica.pids = None, None, ()
+        if mesh is None:
+            return
+        try:
+            await asyncio.wait_for(mesh.stop(), _STOP_TIMEOUT_S)
+        except Exception as e:  # a broken or hung mesh: make sure its processes are gone
+            logger.info("service %s: stopping replica %d: %s; killing its processes", self._spec.name, replica.replica_id, e)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def _stop_all(self) -> None:
+        await asyncio.gather(*(self._stop_replica(r) for r in self._replicas), return_exceptions=True)
+        for replica in self._replicas:
+            replica.state = ReplicaState.STOPPED
+
+    # ---- health probes ---------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        options = self._spec.options
+        while not self._is_shut_down:
+            await asyncio.sleep(options.health_probe_interval_s)
+            for replica in self._replicas:
+                if replica.state == ReplicaState.HEALTHY and not replica.is_probing:
+                    replica.is_probing = True
+                    self._own(asyncio.ensure_future(self._probe(replica)))
+
+    async def _probe(self, replica: _Replica) -> None:
+        generation, actors = replica.generation, replica.actors
+        try:
+            await asyncio.wait_for(actors._forge_ping.call(), self._spec.options.health_probe_timeout_s)
+        except asyncio.TimeoutError:
+            if replica.generation == generation and replica.state == ReplicaState.HEALTHY:
+                self._fail(replica, f"hung: no answer to a health probe in {self._spec.options.health_probe_timeout_s} s")
+        except Exception as e:  # SupervisionError and friends: the process is gone
+            if replica.generation == generation and replica.state == ReplicaState.HEALTHY:
+                self._fail(replica, f"health probe failed: {str(e)[:300]}")
+        finally:
+            replica.is_probing = False
+
+    # ---- membership ------------------------------------------------------------
+
+    def _membership(self) -> Membership:
+        healthy = tuple(
+            ReplicaRef(r.replica_id, r.generation, r.actors, self._spec.placement.procs)
+            for r in self._replicas
+            if r.state == ReplicaState.HEALTHY
+        )
+        return Membership(self._epoch, healthy, self._is_shut_down)
+
+    def _changed_future(self) -> asyncio.Future:
+        if self._epoch_changed is None or self._epoch_changed.done():
+            self._epoch_changed = asyncio.get_running_loop().create_future()
+        return self._epoch_changed
+
+    def _bump(self) -> None:
+        self._epoch += 1
+        if self._epoch_changed is not None and not self._epoch_changed.done():
+            self._epoch_changed.set_result(None)
+
+    def _own(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

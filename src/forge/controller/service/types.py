@@ -1,0 +1,107 @@
+"""Typed messages between a service's controller and the handles that call its replicas."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class ReplicaState(str, enum.Enum):
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    FAILED = "failed"  # found dead or hung; about to be rebuilt
+    REBUILDING = "rebuilding"
+    COOLING_DOWN = "cooling_down"  # circuit breaker: failed too often, held out for a while
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ReplicaRef:
+    """A healthy replica as handles see it: where to send calls."""
+
+    replica_id: int
+    generation: int  # bumped on every rebuild; a failure report names the generation it saw
+    actors: Any  # Monarch ActorMesh of the replica's ``num_procs`` actors
+    num_procs: int
+
+
+@dataclass(frozen=True)
+class Membership:
+    """The healthy replicas of a service at one point of its history (``epoch``)."""
+
+    epoch: int
+    replicas: tuple[ReplicaRef, ...]
+    is_shut_down: bool = False
+
+
+@dataclass(frozen=True)
+class ReplicaHealth:
+    """The controller's view of one replica, for ``statistics()``."""
+
+    replica_id: int
+    state: ReplicaState
+    generation: int
+    num_restarts: int
+    last_failure: str | None
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """One replica's health plus the request counters of the calling process."""
+
+    replica_id: int
+    state: str
+    generation: int
+    num_restarts: int
+    last_failure: str | None
+    in_flight: int
+    queued: int
+    completed: int
+    failed: int
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    """``await service.statistics()``: one row per replica, plus totals."""
+
+    service: str
+    replicas: tuple[ReplicaStats, ...]
+
+    @property
+    def num_healthy(self) -> int:
+        return sum(r.state == ReplicaState.HEALTHY.value for r in self.replicas)
+
+    def table(self) -> str:
+        """A plain-text table, one line per replica."""
+        header = f"{'replica':>7} {'state':<12} {'gen':>3} {'restarts':>8} {'in_flight':>9} {'queued':>6} {'done':>7} {'failed':>6} {'p50 ms':>7} {'p99 ms':>7}"
+        rows = [header]
+        for r in self.replicas:
+            p50 = f"{r.latency_p50_ms:.2f}" if r.latency_p50_ms is not None else "-"
+            p99 = f"{r.latency_p99_ms:.2f}" if r.latency_p99_ms is not None else "-"
+            rows.append(
+                f"{r.replica_id:>7} {r.state:<12} {r.generation:>3} {r.num_restarts:>8} {r.in_flight:>9} "
+                f"{r.queued:>6} {r.completed:>7} {r.failed:>6} {p50:>7} {p99:>7}"
+            )
+        return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class ReplicaFailure:
+    """In ``fanout()`` results with ``fanout_partial=True``: this replica did not answer.
+
+    ``error`` is an ``EndpointError`` when user code raised, or a ``ReplicaFailed`` when
+    the replica's processes died or hung.
+    """
+
+    replica_id: int
+    error: BaseException
+
+    @property
+    def is_infrastructure(self) -> bool:
+        from forge.controller.errors import ReplicaFailed
+
+        return isinstance(self.error, ReplicaFailed)
