@@ -141,6 +141,11 @@ class ForgeActor(Actor):
             },
         )
 
+    def _handle_undeliverable_message(self, message: Any) -> bool:
+        """A reply whose caller has gone away is dropped; it must not take the actor down."""
+        logger.debug("dropping an undeliverable message: %s", message)
+        return True
+
     # ---- one actor -------------------------------------------------------------
 
     @classmethod

@@ -2,7 +2,7 @@
 
 One ``ServiceClient`` exists per service per event loop in each process that uses a
 handle; every copy of the handle there shares it. It keeps the membership it learns
-from the controller (a long-poll ``watch`` task it owns), a slot per healthy replica
+from the controller (a polling task it owns), a slot per healthy replica
 with its concurrency limit and counters, and the sessions of the tasks in it.
 
 A request goes straight from here to the chosen replica (one Monarch hop). When that
@@ -29,7 +29,8 @@ from forge.controller.service.types import Membership, ReplicaFailure, ReplicaRe
 
 logger = logging.getLogger("forge.service")
 
-_WATCH_TIMEOUT_S = 5.0
+_WATCH_TIMEOUT_S = 5.0  # bound on one membership poll or failure report
+_WATCH_INTERVAL_S = 0.2  # how often a client polls the controller for membership changes
 _LATENCY_WINDOW = 2048
 
 
@@ -168,20 +169,25 @@ class ServiceClient:
         if self._watcher is None and self._broken is None:
             self._watcher = asyncio.ensure_future(self._watch())
 
+    async def _poll(self) -> None:
+        """Ask the controller once for membership changes. Raises if it is unreachable."""
+        membership = await asyncio.wait_for(
+            _await_monarch(self._controller.membership_since.choose(self._epoch)), _WATCH_TIMEOUT_S
+        )
+        if membership is not None:
+            self.apply(membership)
+
     async def _watch(self) -> None:
         while self._broken is None:
             try:
-                membership = await asyncio.wait_for(
-                    _await_monarch(self._controller.watch.choose(self._epoch, _WATCH_TIMEOUT_S)),
-                    3 * _WATCH_TIMEOUT_S,
-                )
+                await self._poll()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the controller is gone, so is the service
                 self._broken = f"service {self.name!r} controller is unreachable: {e}"
                 self._notify()
                 return
-            self.apply(membership)
+            await asyncio.sleep(_WATCH_INTERVAL_S)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -283,27 +289,36 @@ class ServiceClient:
         return stack[-1] if stack else None
 
     async def route(self, method: str, args: tuple, kwargs: dict) -> Any:
-        """Call ``method`` on one healthy replica; infrastructure failures are retried elsewhere."""
+        """Call ``method`` on one healthy replica; infrastructure failures are resent elsewhere.
+
+        A call is resent at most ``max_retries`` times: a request that kills or hangs
+        every replica it reaches is more likely the cause than the victim.
+        """
         self._ensure_watcher()
         session = self._session()
-        give_up_at: float | None = None
-        while True:
+        for attempt in range(self._options.max_retries + 1):
             slot = await self._pick(session)
             try:
                 return await self._call(slot, method, args, kwargs, self._options.all_ranks)
             except _ReplicaGone as gone:
-                now = time.monotonic()
-                give_up_at = give_up_at or now + self._options.unavailable_timeout_s
-                if now > give_up_at:
-                    raise ServiceUnavailable(
-                        f"service {self.name!r}: {method} failed on every replica tried for "
-                        f"{self._options.unavailable_timeout_s} s; last: replica {gone.replica_id}: {gone.reason}"
-                    ) from None
+                last = gone
                 logger.info("service %s: %s resent after replica %d failed", self.name, method, gone.replica_id)
+        raise ReplicaFailed(
+            f"service {self.name!r}: {method}.route() was sent {self._options.max_retries + 1} times and "
+            f"each replica died or hung while running it (last: replica {last.replica_id}: {last.reason}); "
+            "the request itself may be the cause",
+            last.replica_id,
+        )
 
     async def fanout(self, method: str, args: tuple, kwargs: dict) -> list[Any]:
-        """Call ``method`` on every healthy replica; results in replica order."""
+        """Call ``method`` on every healthy replica; results in replica order.
+
+        Fan-outs are rare and must reach every replica, so the membership is refreshed
+        from the controller first.
+        """
         self._ensure_watcher()
+        if self._broken is None:
+            await self._poll()
         if not self._healthy_loads:
             await self._pick(None)
         slots = sorted(self._slots.values(), key=lambda s: s.ref.replica_id)

@@ -8,7 +8,7 @@ background with the same constructor arguments and ``setup``, and holds a replic
 keeps failing out for a cool-down (circuit breaker).
 
 Handles never send requests through the controller: they call replicas directly and
-only ask the controller for the membership (``watch``), so the controller is not on
+only poll the controller for membership changes (``membership_since``), so the controller is not on
 the hot path.
 """
 
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from monarch.actor import Actor, concurrent_endpoint, endpoint, this_host
+from monarch.actor import Actor, endpoint, this_host
 
 from forge.controller.errors import ReplicaFailed
 from forge.controller.options import PlacementOptions, ServiceOptions
@@ -72,7 +72,6 @@ class ServiceController(Actor):
         self._spec = spec
         self._replicas = [_Replica(i) for i in range(spec.placement.num_replicas)]
         self._epoch = 0
-        self._epoch_changed: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()
         self._is_shut_down = False
 
@@ -96,14 +95,11 @@ class ServiceController(Actor):
         self._bump()
         return self._membership()
 
-    @concurrent_endpoint
-    async def watch(self, known_epoch: int, timeout_s: float) -> Membership:
-        """The membership as soon as it differs from ``known_epoch`` (or after ``timeout_s``)."""
-        if known_epoch == self._epoch and not self._is_shut_down:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._changed_future()), timeout_s)
-            except asyncio.TimeoutError:
-                pass
+    @endpoint
+    async def membership_since(self, known_epoch: int) -> Membership | None:
+        """The membership if it changed since ``known_epoch``, else ``None`` (handles poll this)."""
+        if known_epoch == self._epoch:
+            return None
         return self._membership()
 
     @endpoint
@@ -130,6 +126,10 @@ class ServiceController(Actor):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stop_all()
         self._bump()
+
+    def _handle_undeliverable_message(self, message: Any) -> bool:
+        """A reply to a caller that has gone away (e.g. a stopped actor's watch): drop it."""
+        return True
 
     def __supervise__(self, failure: Any) -> bool:
         """A replica's process died: take the replica out and rebuild it. Always handled."""
@@ -255,15 +255,8 @@ class ServiceController(Actor):
         )
         return Membership(self._epoch, healthy, self._is_shut_down)
 
-    def _changed_future(self) -> asyncio.Future:
-        if self._epoch_changed is None or self._epoch_changed.done():
-            self._epoch_changed = asyncio.get_running_loop().create_future()
-        return self._epoch_changed
-
     def _bump(self) -> None:
         self._epoch += 1
-        if self._epoch_changed is not None and not self._epoch_changed.done():
-            self._epoch_changed.set_result(None)
 
     def _own(self, task: asyncio.Task) -> None:
         self._tasks.add(task)

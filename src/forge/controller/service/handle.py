@@ -178,12 +178,13 @@ class ServiceHandle:
             raise ForgeUsageError(
                 f"service {self._name!r} can only be shut down by the process that created it"
             )
-        client = _clients.pop((self._service_id, _loop_id()), None)
+        # The closed client stays registered, so every copy of this handle in this
+        # process raises ServiceUnavailable from now on instead of calling stopped actors.
+        client = self._client()
         try:
-            await _await_monarch(self._controller.shutdown_service.choose())
+            await asyncio.wait_for(_await_monarch(self._controller.shutdown_service.choose()), 60)
         finally:
-            if client is not None:
-                await client.close()
+            await client.close()
             await self._owner.stop()
 
 
