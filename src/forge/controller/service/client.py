@@ -65,8 +65,10 @@ class _Slot:
     def __init__(self, ref: ReplicaRef, max_concurrent: int, history: "_Slot | None") -> None:
         self.ref = ref
         self.load = ReplicaLoad(ref.replica_id, 0, 0)
-        self.semaphore = asyncio.Semaphore(max_concurrent)
-        self.calls: set[asyncio.Future] = set()
+        self.free_capacity = max_concurrent  # calls this replica may still be sent now
+        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.callers: set[asyncio.Task] = set()  # tasks awaiting a reply from this replica
+        self.evicted: set[asyncio.Task] = set()  # callers that leave() cancelled
         self.is_gone = False
         self._endpoints: dict[str, Any] = {}
         self.completed = history.completed if history else 0
@@ -81,11 +83,40 @@ class _Slot:
             ep = self._endpoints[name] = getattr(self.ref.actors, name)
         return ep
 
+    async def wait_for_capacity(self) -> None:
+        """Queue until a call to this replica finishes (FIFO); capacity is handed over."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        self.load.queued += 1
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release_capacity()  # handed over just as we were cancelled: pass it on
+            else:
+                self.waiters.remove(waiter)
+            raise
+        finally:
+            self.load.queued -= 1
+
+    def release_capacity(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free_capacity += 1
+
     def leave(self) -> None:
         """The replica left the service: cancel calls still waiting on it (they are resent)."""
         self.is_gone = True
-        for call in list(self.calls):
-            call.cancel()
+        current = asyncio.current_task()  # a caller that found the failure itself is not cancelled
+        self.evicted = {c for c in self.callers if c is not current}
+        for caller in self.evicted:
+            caller.cancel()
+        for waiter in self.waiters:  # queued calls go on to find another replica
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 @dataclass
@@ -242,11 +273,10 @@ class ServiceClient:
     async def _call(self, slot: _Slot, method: str, args: tuple, kwargs: dict, all_ranks: bool) -> Any:
         """One call to one replica. Raises ``_ReplicaGone`` for infrastructure failures."""
         load = slot.load
-        load.queued += 1
-        try:
-            await slot.semaphore.acquire()
-        finally:
-            load.queued -= 1
+        if slot.free_capacity > 0 and not slot.waiters:
+            slot.free_capacity -= 1  # fast path: no coroutine, no future
+        else:
+            await slot.wait_for_capacity()
         try:
             if slot.is_gone:
                 raise _ReplicaGone(slot.ref.replica_id, "replica left the service")
@@ -254,15 +284,21 @@ class ServiceClient:
             started = time.perf_counter()
             endpoint = slot.endpoint(method)
             future = endpoint.choose(*args, **kwargs) if slot.ref.num_procs == 1 else endpoint.call(*args, **kwargs)
-            call = asyncio.ensure_future(_await_monarch(future))
-            slot.calls.add(call)
+            caller = asyncio.current_task()
+            slot.callers.add(caller)
             try:
-                result = await call
+                result = await future
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if slot.is_gone and call.cancelled() and (task is None or task.cancelling() == 0):
-                    raise _ReplicaGone(slot.ref.replica_id, "replica left the service") from None
-                raise
+                if caller in slot.evicted:  # cancelled by leave(), not by the caller's owner
+                    slot.evicted.discard(caller)
+                    if hasattr(caller, "uncancel"):  # Python >= 3.11 counts cancellations
+                        caller.uncancel()
+                if hasattr(caller, "cancelling") and caller.cancelling() > 0:
+                    raise  # the caller itself is being cancelled
+                # Left the service, or Monarch dropped the reply of a dying process.
+                slot.failed += 1
+                self._drop_slot(slot, "the call was cancelled by the runtime (process gone)")
+                raise _ReplicaGone(slot.ref.replica_id, "replica left the service") from None
             except ActorError as e:
                 slot.failed += 1
                 raise endpoint_error(e, f"{method}", slot.ref.replica_id) from None
@@ -273,12 +309,12 @@ class ServiceClient:
                 self._drop_slot(slot, str(e)[:300])
                 raise _ReplicaGone(slot.ref.replica_id, str(e)[:300]) from None
             finally:
-                slot.calls.discard(call)
+                slot.callers.discard(caller)
                 load.in_flight -= 1
             slot.completed += 1
             slot.latencies_s.append(time.perf_counter() - started)
         finally:
-            slot.semaphore.release()
+            slot.release_capacity()
         if slot.ref.num_procs == 1:
             return [result] if all_ranks else result
         values = [v for _, v in sorted(result.items(), key=lambda pv: pv[0].rank)]
