@@ -306,7 +306,7 @@ class ServiceClient:
                 if not is_infrastructure_error(e):
                     raise
                 slot.failed += 1
-                self._drop_slot(slot, str(e)[:300])
+                self._drop_slot(slot, str(e))
                 raise _ReplicaGone(slot.ref.replica_id, str(e)[:300]) from None
             finally:
                 slot.callers.discard(caller)

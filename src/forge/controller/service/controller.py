@@ -65,6 +65,15 @@ class _Replica:
         return f"{service}_r{self.replica_id}_g{self.generation}"
 
 
+def short_reason(text: str) -> str:
+    """One line out of Monarch's multi-line supervision messages."""
+    marker = "the process this actor was running on failed"
+    if marker in text:
+        return "process died: " + text[text.index(marker) + len(marker):].splitlines()[0].strip(" :")
+    first = " ".join(text.split())
+    return first[:200] + ("..." if len(first) > 200 else "")
+
+
 class ServiceController(Actor):
     """Owns the replicas of one service. Endpoints are called by Forge, not by users."""
 
@@ -138,7 +147,7 @@ class ServiceController(Actor):
             if replica.state == ReplicaState.HEALTHY and mesh_name.startswith(
                 replica.mesh_prefix(self._spec.name)
             ):
-                self._fail(replica, f"process died: {str(failure)[:300]}")
+                self._fail(replica, str(failure))
         return True
 
     # ---- replica lifecycle -----------------------------------------------------
@@ -162,7 +171,8 @@ class ServiceController(Actor):
         replica.state = ReplicaState.HEALTHY
 
     def _fail(self, replica: _Replica, reason: str) -> None:
-        logger.warning("service %s: replica %d failed: %s", self._spec.name, replica.replica_id, reason)
+        reason = short_reason(reason)
+        logger.warning("service %s: replica %d failed (%s); rebuilding it", self._spec.name, replica.replica_id, reason)
         replica.state = ReplicaState.FAILED
         replica.last_failure = reason
         self._bump()
@@ -241,7 +251,7 @@ class ServiceController(Actor):
                 self._fail(replica, f"hung: no answer to a health probe in {self._spec.options.health_probe_timeout_s} s")
         except Exception as e:  # SupervisionError and friends: the process is gone
             if replica.generation == generation and replica.state == ReplicaState.HEALTHY:
-                self._fail(replica, f"health probe failed: {str(e)[:300]}")
+                self._fail(replica, f"health probe failed: {e}")
         finally:
             replica.is_probing = False
 
