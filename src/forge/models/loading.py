@@ -1,0 +1,92 @@
+"""Resolve a model reference to a local directory and load it with ``transformers``.
+
+A reference is one of:
+
+* a preset name (``"tiny"``): built locally on first use (``forge.models.presets``);
+* a local directory of a Hugging Face causal LM (Qwen2, Qwen3, Llama, ...);
+* ``hf://org/name`` (or a bare ``org/name``): looked up in the local Hugging Face
+  cache. Nothing is ever downloaded: if it is not cached, the error says how to point
+  at a local directory instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from forge.models.presets import PRESETS, materialize
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def _hub_cache() -> Path:
+    if "HF_HUB_CACHE" in os.environ:
+        return Path(os.environ["HF_HUB_CACHE"])
+    if "HF_HOME" in os.environ:
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    repo_dir = _hub_cache() / f"models--{repo_id.replace('/', '--')}"
+    ref = repo_dir / "refs" / "main"
+    candidates = []
+    if ref.exists():
+        candidates.append(repo_dir / "snapshots" / ref.read_text().strip())
+    if (repo_dir / "snapshots").is_dir():
+        candidates += sorted((repo_dir / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for snapshot in candidates:
+        if (snapshot / "config.json").exists():
+            return snapshot
+    raise ValueError(
+        f"model {repo_id!r} is not in the local Hugging Face cache ({_hub_cache()}) and Forge never "
+        "downloads. Copy or download it on a machine with network access, then either point at its "
+        "directory (model='/path/to/model', the directory with config.json) or put it in the "
+        "cache (HF_HUB_CACHE)."
+    )
+
+
+def resolve_model_path(reference: str | os.PathLike) -> Path:
+    """The local directory that ``reference`` names (see the module docstring)."""
+    text = str(reference)
+    if text in PRESETS:
+        return materialize(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model directory {path} has no config.json; is it a Hugging Face model directory?")
+        return path
+    if text.startswith("hf://"):
+        return _from_hub_cache(text[len("hf://"):].strip("/"))
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return _from_hub_cache(text)
+    raise ValueError(
+        f"model {text!r} is neither a preset ({sorted(PRESETS)}), a local directory, nor an "
+        "hf://org/name reference"
+    )
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(set(_DTYPES.values()))}")
+    return getattr(torch, _DTYPES[name])
+
+
+def load_tokenizer(reference: str | os.PathLike) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(reference), local_files_only=True)
+
+
+def load_model(reference: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> Any:
+    """A causal LM in eval mode on ``device``; weights from local files only."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(reference), local_files_only=True, dtype=torch_dtype(dtype)
+    )
+    return model.to(device).eval()
