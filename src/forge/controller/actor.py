@@ -141,6 +141,14 @@ class ForgeActor(Actor):
             },
         )
 
+    @classmethod
+    def validate_arguments(cls, *args: Any, **kwargs: Any) -> None:
+        """Check constructor arguments in the caller, before any process is spawned.
+
+        Override to raise ``ValueError`` for bad configuration early; the default
+        accepts anything.
+        """
+
     def _handle_undeliverable_message(self, message: Any) -> bool:
         """A reply whose caller has gone away is dropped; it must not take the actor down."""
         logger.debug("dropping an undeliverable message: %s", message)
@@ -162,6 +170,7 @@ class ForgeActor(Actor):
                 f"{base.__name__}.as_actor() spawns one actor mesh, but num_replicas="
                 f"{placement.num_replicas}; use as_service() for replicas"
             )
+        base.validate_arguments(*args, **kwargs)
         ensure_runtime()
         name = f"{base.__name__}_{next(_actor_counter)}"
         gpus = gpu_allocator.allocate(placement.procs, f"{base.__name__}.as_actor()") if placement.with_gpus else None
@@ -201,6 +210,7 @@ class ForgeActor(Actor):
                 f"{base.__name__} has endpoint(s) {clashes} whose names a service handle uses "
                 f"itself ({sorted(_RESERVED_SERVICE_NAMES)}); rename them"
             )
+        base.validate_arguments(*args, **kwargs)
         ensure_runtime()
         name = f"{base.__name__}_{next(_actor_counter)}"
         gpus = None

@@ -1,0 +1,1 @@
+"""Forge's RL actors: Policy (generation); trainer, reference model and replay buffer follow."""

@@ -1,0 +1,174 @@
+"""``Policy``: the generation service of an RL loop.
+
+    policy = await Policy.options(procs=1, num_replicas=2).as_service(
+        engine_config={"model": "tiny", "max_model_len": 256},
+        sampling_config={"n": 4, "max_tokens": 16, "temperature": 1.0, "top_p": 1.0},
+    )
+    completions = await policy.generate.route("3+4=")
+
+``generate`` is a concurrent endpoint: calls reaching one replica at the same time are
+decoded together in the engine's continuous batch. ``update_weights`` waits for the
+sequences in flight to finish before it swaps weights, so every token of a Completion
+comes from the weights its ``generator_version`` names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from monarch.actor import concurrent_endpoint, endpoint
+
+from forge.controller import ForgeActor
+from forge.engine.config import EngineConfig, SamplingParams
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of a prompt."""
+
+    prompt: Any  # the prompt as given: a string or chat messages
+    text: str  # decoded completion, special tokens removed
+    prompt_ids: torch.Tensor  # [P] long
+    token_ids: torch.Tensor  # [T] long
+    logprobs: torch.Tensor  # [T] float32: log_softmax(logits / temperature) of each token
+    stop_reason: str  # "stop" (EOS / stop token) or "length" (max_tokens)
+    generator_version: int  # weights version that produced every token
+    metadata: dict = field(default_factory=dict)
+
+    def __reduce__(self) -> Any:
+        # Small 1-D tensors travel as raw bytes: Monarch pickles tensors with torch.save,
+        # which costs ~0.4 ms each and would dominate a batch of short completions.
+        return (
+            _rebuild_completion,
+            (self.prompt, self.text, _pack(self.prompt_ids), _pack(self.token_ids), _pack(self.logprobs),
+             self.stop_reason, self.generator_version, self.metadata),
+        )
+
+
+def _pack(tensor: torch.Tensor) -> tuple[str, bytes]:
+    return str(tensor.dtype).removeprefix("torch."), tensor.detach().cpu().contiguous().numpy().tobytes()
+
+
+def _unpack(packed: tuple[str, bytes]) -> torch.Tensor:
+    dtype, data = packed
+    if not data:
+        return torch.empty(0, dtype=getattr(torch, dtype))
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype))
+
+
+def _rebuild_completion(prompt, text, prompt_ids, token_ids, logprobs, stop_reason, version, metadata):
+    return Completion(prompt, text, _unpack(prompt_ids), _unpack(token_ids), _unpack(logprobs),
+                      stop_reason, version, metadata)
+
+
+def check_engine_available(config: EngineConfig, with_gpus: bool | None = None) -> None:
+    """Raise ValueError early when the requested backend cannot run here."""
+    if config.backend == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError(
+                "engine_config backend='vllm' needs the optional vllm package (pip install "
+                "'forge[vllm]') and a CUDA GPU; use backend='native' otherwise"
+            )
+        if with_gpus is False:
+            raise ValueError("engine_config backend='vllm' runs on GPUs: use Policy.options(with_gpus=True)")
+
+
+class Policy(ForgeActor):
+    """Generation actor/service; see the module docstring."""
+
+    def __init__(self, engine_config: dict | EngineConfig | None = None,
+                 sampling_config: dict | SamplingParams | None = None) -> None:
+        self.engine_config = EngineConfig.parse(engine_config)
+        self.sampling = SamplingParams.parse(sampling_config)
+        self._engine: Any = None
+        self._tokenizer: Any = None
+
+    @classmethod
+    def validate_arguments(cls, engine_config: Any = None, sampling_config: Any = None, **unknown: Any) -> None:
+        if unknown:
+            raise ValueError(
+                f"Policy got unknown argument(s) {sorted(unknown)}; it takes engine_config and sampling_config"
+            )
+        check_engine_available(EngineConfig.parse(engine_config), cls._forge_placement.with_gpus)
+        SamplingParams.parse(sampling_config)
+
+    @endpoint
+    async def setup(self) -> None:
+        """Load the model and build the engine (heavy; runs once per replica start)."""
+        from forge.models import load_model, load_tokenizer, resolve_model_path
+
+        config = self.engine_config
+        path = resolve_model_path(config.model)
+        self._tokenizer = load_tokenizer(path)
+        if config.backend == "vllm":
+            from forge.engine.vllm_adapter import VllmEngine
+
+            self._engine = VllmEngine(path, config)
+            return
+        from forge.engine.native import AsyncEngine, NativeEngine, pick_device
+
+        model = load_model(path, config.dtype, pick_device(config))
+        eos = {self._tokenizer.eos_token_id}
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos.update(generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos])
+        self._engine = AsyncEngine(NativeEngine(model, tuple(e for e in eos if e is not None), config))
+
+    def _encode(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            return self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            return list(self._tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                            return_dict=False))
+        raise ValueError(f"a prompt is a string or a list of chat messages (dicts), got {type(prompt).__name__}")
+
+    @concurrent_endpoint
+    async def generate(self, prompt: Any, *, sampling_config: dict | None = None) -> list[Completion]:
+        """``n`` completions of ``prompt`` (a string or chat messages)."""
+        params = self.sampling.merged(sampling_config)
+        prompt_ids = self._encode(prompt)
+        started = time.monotonic()
+        request = await self._engine.generate(prompt_ids, params)
+        prompt_tensor = torch.tensor(prompt_ids, dtype=torch.long)
+        return [
+            Completion(
+                prompt=prompt,
+                text=self._tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                prompt_ids=prompt_tensor,
+                token_ids=torch.tensor(s.token_ids, dtype=torch.long),
+                logprobs=torch.tensor(s.logprobs, dtype=torch.float32),
+                stop_reason=s.finish_reason,
+                generator_version=request.version,
+                metadata={"index": s.index, "latency_s": time.monotonic() - started,
+                          "num_prompt_tokens": len(prompt_ids), "num_tokens": len(s.token_ids)},
+            )
+            for s in request.sequences
+        ]
+
+    @endpoint
+    async def update_weights(self, policy_version: int, state_dict: dict[str, torch.Tensor] | None = None) -> int:
+        """Load weights version ``policy_version``; returns it once in effect.
+
+        ``state_dict`` (Hugging Face names) is loaded as given. Without it the weights
+        come from the trainer's weight store (``forge.weights``, next milestone).
+        """
+        if state_dict is None:
+            raise ValueError(
+                "Policy.update_weights needs a state_dict: the weight store that serves "
+                f"version {policy_version} from the trainer is not wired in yet"
+            )
+        await self._engine.update_weights(state_dict, int(policy_version))
+        return int(policy_version)
+
+    @endpoint
+    async def get_version(self) -> int:
+        return self._engine.engine.version if hasattr(self._engine, "engine") else self._engine.version
+
+    @endpoint
+    async def engine_stats(self) -> dict:
+        engine = self._engine.engine
+        return {**engine.scheduler.statistics(), "version": engine.version,
+                "generated_tokens": engine.num_generated_tokens}
