@@ -165,10 +165,13 @@ class Policy(ForgeActor):
 
     @endpoint
     async def get_version(self) -> int:
-        return self._engine.engine.version if hasattr(self._engine, "engine") else self._engine.version
+        return self._engine.version
 
     @endpoint
     async def engine_stats(self) -> dict:
-        engine = self._engine.engine
+        """Scheduler occupancy and counters of this replica's native engine."""
+        engine = getattr(self._engine, "engine", None)
+        if engine is None:
+            return {"version": self._engine.version}
         return {**engine.scheduler.statistics(), "version": engine.version,
                 "generated_tokens": engine.num_generated_tokens}

@@ -57,7 +57,7 @@ class NativeEngine:
     def step(self) -> list[Request]:
         """One scheduling iteration; returns the requests that finished in it."""
         scheduler = self.scheduler
-        decoding = [s for s in scheduler.running]  # sequences that already have a token
+        decoding = sorted(scheduler.running, key=lambda s: s.slot)  # all have a token; slot order
         admitted = scheduler.admit()
         touched: set[Request] = {s.request for s in decoding}
         if admitted:
@@ -167,6 +167,10 @@ class AsyncEngine:
             scheduler.is_admitting = True
             if scheduler.has_work:
                 self._ensure_stepping()
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
 
     async def close(self) -> None:
         if self._stepper is not None:

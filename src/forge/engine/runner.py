@@ -25,6 +25,26 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 
+def _decode_attention(
+    q: torch.Tensor,  # [B, heads, 1, hd]
+    keys: torch.Tensor,  # [B, kv_heads, S, hd]
+    values: torch.Tensor,  # [B, kv_heads, S, hd]
+    mask: torch.Tensor,  # [B, 1, 1, S] bool
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence against its cache; grouped heads without repeating K/V.
+
+    Two batched matmuls beat SDPA's CPU kernel for a single query row per sequence.
+    """
+    batch, heads, _, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # [B, kvh, g, hd]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale  # [B, kvh, g, S]
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(weights, values).reshape(batch, heads, 1, head_dim)
+
+
 def check_supported(model: Any) -> None:
     """Raise ValueError when the model does not have the layout the native engine drives."""
     inner = getattr(model, "model", None)
@@ -81,7 +101,11 @@ class ModelRunner:
         pos = torch.tensor(positions, device=self.device)[:, None]
         keys = torch.arange(kv_len, device=self.device)
         mask = (keys[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, S]
-        slot_index = torch.tensor(slots, device=self.device)
+        first = slots[0]
+        if slots == list(range(first, first + len(slots))):
+            slot_index: Any = slice(first, first + len(slots))  # a view of the cache, no gather copy
+        else:
+            slot_index = torch.tensor(slots, device=self.device)
         hidden = self._forward(ids, pos, mask, slot_index, kv_len=kv_len)
         return self.model.lm_head(hidden[:, 0]).float()
 
@@ -96,7 +120,7 @@ class ModelRunner:
         ids: torch.Tensor,  # [B, T]
         positions: torch.Tensor,  # [B, T]
         mask: torch.Tensor,  # [B, 1, T, S] bool, True = attend
-        slots: torch.Tensor,  # [B]
+        slots: torch.Tensor | slice,  # [B] cache slots, or a contiguous range of them
         prefill_width: int | None = None,
         kv_len: int | None = None,
     ) -> torch.Tensor:
@@ -119,14 +143,23 @@ class ModelRunner:
                 self.v_cache[i][slots, :, :prefill_width] = v
                 keys, values = k, v
             else:
-                position = positions[:, 0]
-                self.k_cache[i][slots, :, position] = k[:, :, 0]
-                self.v_cache[i][slots, :, position] = v[:, :, 0]
-                keys = self.k_cache[i][slots, :, :kv_len]
-                values = self.v_cache[i][slots, :, :kv_len]
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1]
-            )
+                rows = self.k_cache[i][slots], self.v_cache[i][slots]  # views when slots is a slice
+                if isinstance(slots, slice):
+                    index = torch.arange(batch, device=self.device)
+                    rows[0][index, :, positions[:, 0]] = k[:, :, 0]
+                    rows[1][index, :, positions[:, 0]] = v[:, :, 0]
+                    keys, values = rows[0][:, :, :kv_len], rows[1][:, :, :kv_len]
+                else:
+                    self.k_cache[i][slots, :, positions[:, 0]] = k[:, :, 0]
+                    self.v_cache[i][slots, :, positions[:, 0]] = v[:, :, 0]
+                    keys = self.k_cache[i][slots, :, :kv_len]
+                    values = self.v_cache[i][slots, :, :kv_len]
+            if prefill_width is not None:
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1]
+                )
+            else:
+                out = _decode_attention(q, keys, values, mask, attn.scaling)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return inner.norm(hidden)

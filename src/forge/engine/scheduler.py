@@ -9,6 +9,7 @@ and leave the running batch at every decode step.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +66,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Sequence] = []
-        self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
+        self.free_slots: list[int] = list(range(num_slots))  # a heap: lowest slots first, keeps the batch compact
         self.is_admitting = True  # False while weights are being swapped
         self._ids = itertools.count()
 
@@ -92,7 +93,9 @@ class Scheduler:
         admitted = []
         while self.is_admitting and self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
             request = self.waiting.popleft()
-            request.sequences = [Sequence(request, i, self.free_slots.pop()) for i in range(request.params.n)]
+            request.sequences = [
+                Sequence(request, i, heapq.heappop(self.free_slots)) for i in range(request.params.n)
+            ]
             self.running.extend(request.sequences)
             admitted.append(request)
         return admitted
@@ -117,7 +120,7 @@ class Scheduler:
     def _finish(self, sequence: Sequence, reason: str) -> None:
         sequence.finish_reason = reason
         self.running.remove(sequence)
-        self.free_slots.append(sequence.slot)
+        heapq.heappush(self.free_slots, sequence.slot)
 
     @property
     def has_work(self) -> bool:
