@@ -81,18 +81,26 @@ class Policy(ForgeActor):
     """Generation actor/service; see the module docstring."""
 
     def __init__(self, engine_config: dict | EngineConfig | None = None,
-                 sampling_config: dict | SamplingParams | None = None) -> None:
+                 sampling_config: dict | SamplingParams | None = None, weight_store: str | None = None) -> None:
+        from forge.weights import WeightStore
+
         self.engine_config = EngineConfig.parse(engine_config)
         self.sampling = SamplingParams.parse(sampling_config)
+        self.store = WeightStore(weight_store)
         self._engine: Any = None
         self._tokenizer: Any = None
 
     @classmethod
-    def validate_arguments(cls, engine_config: Any = None, sampling_config: Any = None, **unknown: Any) -> None:
+    def validate_arguments(cls, engine_config: Any = None, sampling_config: Any = None,
+                           weight_store: str | None = None, **unknown: Any) -> None:
+        from forge.weights import WeightStore
+
         if unknown:
             raise ValueError(
-                f"Policy got unknown argument(s) {sorted(unknown)}; it takes engine_config and sampling_config"
+                f"Policy got unknown argument(s) {sorted(unknown)}; it takes engine_config, "
+                "sampling_config and weight_store"
             )
+        WeightStore(weight_store)
         check_engine_available(EngineConfig.parse(engine_config), cls._forge_placement.with_gpus)
         SamplingParams.parse(sampling_config)
 
@@ -152,16 +160,22 @@ class Policy(ForgeActor):
     async def update_weights(self, policy_version: int, state_dict: dict[str, torch.Tensor] | None = None) -> int:
         """Load weights version ``policy_version``; returns it once in effect.
 
-        ``state_dict`` (Hugging Face names) is loaded as given. Without it the weights
-        come from the trainer's weight store (``forge.weights``, next milestone).
+        By default the weights come from the weight store the trainer published them to
+        (``trainer.push_weights``), mapped from shared memory and copied straight into the
+        model. A ``state_dict`` (Hugging Face names) is loaded as given instead.
         """
-        if state_dict is None:
-            raise ValueError(
-                "Policy.update_weights needs a state_dict: the weight store that serves "
-                f"version {policy_version} from the trainer is not wired in yet"
-            )
-        await self._engine.update_weights(state_dict, int(policy_version))
+        if state_dict is not None:
+            await self._engine.update_weights(state_dict, int(policy_version))
+            return int(policy_version)
+        with self.store.open(int(policy_version)) as published:
+            await self._engine.update_weights(published, int(policy_version))
         return int(policy_version)
+
+    @endpoint
+    async def weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the generator's current weights (to check a sync; small models only)."""
+        model = self._engine.engine.runner.model
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @endpoint
     async def get_version(self) -> int:

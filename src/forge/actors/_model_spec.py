@@ -1,0 +1,40 @@
+"""The seeds' ``model={...}`` dict (name, flavor, hf_assets_path), typed and resolved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from forge.engine.config import _from_mapping
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to train or score.
+
+    ``hf_assets_path`` (a local directory or ``hf://org/name`` in the local HF cache)
+    wins; otherwise ``flavor`` must name an embedded preset (e.g. ``"tiny"``). ``name``
+    is the architecture family, informational (``"qwen3"``).
+    """
+
+    name: str = "qwen3"
+    flavor: str = "tiny"
+    hf_assets_path: str | None = None
+    dtype: str = "float32"
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any] | "ModelSpec" | None) -> "ModelSpec":
+        return _from_mapping(cls, values, "model")
+
+    def path(self) -> Path:
+        from forge.models import PRESETS, resolve_model_path
+
+        if self.hf_assets_path:
+            return resolve_model_path(self.hf_assets_path)
+        if self.flavor in PRESETS:
+            return resolve_model_path(self.flavor)
+        raise ValueError(
+            f"model flavor {self.flavor!r} is not an embedded preset ({sorted(PRESETS)}); set "
+            "model.hf_assets_path to a local Hugging Face directory or hf://org/name in the local cache"
+        )

@@ -1,0 +1,339 @@
+"""``RLTrainer``: GRPO training on one or more processes, with checkpoints and weight push.
+
+    trainer = await RLTrainer.options(procs=2).as_actor(
+        model={"name": "qwen3", "flavor": "tiny"},
+        optimizer={"name": "AdamW", "lr": 1e-3},
+        training={"local_batch_size": 8, "seq_len": 64},
+        loss={"normalization": "grpo", "beta": 0.04},
+    )
+    loss = await trainer.train_step.call(inputs, targets)      # every rank takes its share
+    await trainer.push_weights.call(policy_version=1)        # then policy.update_weights
+
+With ``procs > 1`` the ranks form a ``torch.distributed`` group (gloo on CPU, NCCL on
+GPU) and the model is sharded with FSDP2 (``fully_shard`` per decoder layer and at the
+root). ``train_step`` receives the global batch on every rank and each rank trains on
+its contiguous share, so the loss and the updated weights equal one process's on the
+same global batch (within fp32 tolerance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from monarch.actor import endpoint
+
+from forge.actors._model_spec import ModelSpec
+from forge.controller import ForgeActor
+from forge.data.batch import TrainInputs, TrainTargets
+from forge.engine.config import _from_mapping
+from forge.losses import LossConfig, grpo_loss, sequence_logprobs
+from forge.weights import WeightStore
+
+OPTIMIZERS = ("AdamW", "Adam", "SGD")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "AdamW"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer name {self.name!r} is not one of {OPTIMIZERS}")
+        if not self.lr > 0:
+            raise ValueError(f"optimizer lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class LRSchedulerConfig:
+    warmup_steps: int = 0
+    decay: str = "constant"  # "constant" | "linear" | "cosine" (to min_lr_ratio at total_steps)
+    total_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_scheduler decay {self.decay!r} is not constant, linear or cosine")
+        if self.decay != "constant" and self.total_steps <= 0:
+            raise ValueError("lr_scheduler total_steps must be > 0 for linear or cosine decay")
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        shape = 1 - progress if self.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    local_batch_size: int = 8  # sequences per rank per step (informational bound, checked)
+    seq_len: int = 2048  # longest sequence accepted
+    max_norm: float = 1.0  # gradient clipping; 0 disables
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    folder: str | None = None
+    interval: int = 0  # save every N train steps; 0: only when save_checkpoint is called
+    keep_last: int = 2
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class RLTrainer(ForgeActor):
+    """See the module docstring."""
+
+    def __init__(self, model: Any = None, optimizer: Any = None, training: Any = None, loss: Any = None,
+                 lr_scheduler: Any = None, checkpoint: Any = None, weight_store: str | None = None) -> None:
+        self.model_spec = ModelSpec.parse(model)
+        self.optimizer_config = _from_mapping(OptimizerConfig, optimizer, "optimizer")
+        self.training = _from_mapping(TrainingConfig, training, "training")
+        self.loss_config = _from_mapping(LossConfig, loss, "loss")
+        self.schedule = _from_mapping(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
+        self.checkpointing = _from_mapping(CheckpointConfig, checkpoint, "checkpoint")
+        self.store = WeightStore(weight_store)
+        self.state = TrainerState()
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+    @classmethod
+    def validate_arguments(cls, model: Any = None, optimizer: Any = None, training: Any = None, loss: Any = None,
+                           lr_scheduler: Any = None, checkpoint: Any = None, weight_store: str | None = None,
+                           **unknown: Any) -> None:
+        if unknown:
+            raise ValueError(f"RLTrainer got unknown argument(s) {sorted(unknown)}")
+        ModelSpec.parse(model).path()
+        _from_mapping(OptimizerConfig, optimizer, "optimizer")
+        _from_mapping(TrainingConfig, training, "training")
+        _from_mapping(LossConfig, loss, "loss")
+        _from_mapping(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
+        _from_mapping(CheckpointConfig, checkpoint, "checkpoint")
+        WeightStore(weight_store)
+
+    @endpoint
+    async def setup(self) -> None:
+        from forge.models import load_model
+
+        device = "cuda" if torch.cuda.is_available() and "CUDA_VISIBLE_DEVICES" in os.environ else "cpu"
+        torch.manual_seed(self.training.seed)
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+        self.model = load_model(self.model_spec.path(), self.model_spec.dtype, device)
+        self.model.train()
+        self.model.config.use_cache = False
+        if self.world_size > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.model.model.layers:
+                fully_shard(layer)
+            fully_shard(self.model)
+        cfg = self.optimizer_config
+        if cfg.name == "SGD":
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            cls = torch.optim.AdamW if cfg.name == "AdamW" else torch.optim.Adam
+            self.optimizer = cls(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule.factor)
+
+    # ---- training --------------------------------------------------------------
+
+    def _share(self, inputs: Any, targets: Any) -> tuple[TrainInputs, TrainTargets]:
+        if isinstance(inputs, (list, tuple)):
+            return inputs[self.rank], targets[self.rank]
+        batch = inputs.tokens.shape[0]
+        if batch % self.world_size:
+            raise ValueError(f"global batch of {batch} sequences does not split over {self.world_size} ranks")
+        per_rank = batch // self.world_size
+        rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return inputs.select(rows), targets.select(rows)
+
+    def _global(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    @endpoint
+    async def train_step(self, inputs: TrainInputs | list, targets: TrainTargets | list) -> float:
+        """One optimizer step on this rank's share of the batch; returns the global loss."""
+        started = time.monotonic()
+        local_in, local_tg = self._share(inputs, targets)
+        tokens = local_in.tokens
+        if tokens.shape[1] > self.training.seq_len:
+            raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed training.seq_len={self.training.seq_len}")
+        device = next(self.model.parameters()).device
+        mask = local_tg.response_mask.to(device)
+        cfg = self.loss_config
+        if cfg.normalization == "dapo":
+            normalizer = self._global(float(mask.sum())) / self.world_size
+        else:
+            normalizer = self._global(float(tokens.shape[0])) / self.world_size
+        logits = self.model(input_ids=tokens.to(device), attention_mask=local_in.attention_mask.to(device)).logits
+        logp = sequence_logprobs(logits, tokens.to(device), cfg.temperature)  # [B, L]
+        loss, metrics = grpo_loss(
+            logp, local_tg.behaviour_logprobs.to(device), local_tg.ref_logprobs.to(device),
+            local_tg.advantages.to(device), mask, cfg, token_normalizer=normalizer,
+        )
+        loss.backward()
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.training.max_norm)
+            if self.training.max_norm > 0 else torch.tensor(0.0)
+        )
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            probs = torch.softmax(logits[:, :-1].float(), -1)
+            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+            entropy = float((entropy * mask[:, 1:]).sum() / mask[:, 1:].sum().clamp(min=1))
+        # Each rank's loss is its share of the global loss times world_size (see the normalizer).
+        global_loss = self._global(float(loss.detach())) / self.world_size
+        self.state.step += 1
+        self.state.metrics = {
+            "loss": global_loss, "grad_norm": float(grad_norm), "entropy": entropy,
+            "lr": self.scheduler.get_last_lr()[0], "step_time_s": time.monotonic() - started, **metrics,
+        }
+        if self.checkpointing.interval and self.state.step % self.checkpointing.interval == 0:
+            self._save_checkpoint()
+        return global_loss
+
+    @endpoint
+    async def metrics(self) -> dict[str, float]:
+        """The last train step's metrics: loss, grad_norm, kl, clip_fraction, entropy, lr, tokens."""
+        return dict(self.state.metrics, step=self.state.step)
+
+    # ---- weights ---------------------------------------------------------------
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.world_size == 1:
+            return {k: v.detach() for k, v in self.model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @endpoint
+    async def push_weights(self, policy_version: int) -> int:
+        """Publish the current weights as ``policy_version`` (Hugging Face names).
+
+        With FSDP every rank takes part in gathering the full weights; rank 0 writes them.
+        """
+        state_dict = self._full_state_dict()
+        if self.rank == 0:
+            self.store.publish(state_dict, int(policy_version))
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return int(policy_version)
+
+    @endpoint
+    async def weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the full current weights (for tests and small models; use push_weights to sync)."""
+        return {k: v.clone() for k, v in self._full_state_dict().items()}
+
+    # ---- checkpoints -----------------------------------------------------------
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        if self.world_size == 1:
+            model, optim = self.model.state_dict(), self.optimizer.state_dict()
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            model, optim = get_state_dict(self.model, self.optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {"model": model, "optimizer": optim, "scheduler": self.scheduler.state_dict(),
+                "step": self.state.step, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+    def _save_checkpoint(self) -> str | None:
+        folder = self.checkpointing.folder
+        if not folder:
+            raise ValueError("checkpoint.folder is not set; pass checkpoint={'folder': ...} to RLTrainer")
+        state = self._checkpoint_state()
+        path = Path(folder) / f"step-{self.state.step:08d}.pt"
+        if self.rank == 0:
+            save_atomically(state, path)
+            prune_checkpoints(Path(folder), self.checkpointing.keep_last)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return str(path)
+
+    @endpoint
+    async def save_checkpoint(self) -> str:
+        """Write model, optimizer, scheduler, step and RNG; returns the checkpoint path."""
+        return self._save_checkpoint()
+
+    @endpoint
+    async def load_checkpoint(self, path: str | None = None) -> int:
+        """Restore from ``path`` (default: the latest in checkpoint.folder); returns the step."""
+        if path is None:
+            path = latest_checkpoint(Path(self.checkpointing.folder or ""))
+            if path is None:
+                raise ValueError(f"no checkpoint in {self.checkpointing.folder!r}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if self.world_size == 1:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.state.step = state["step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        return self.state.step
+
+    async def __cleanup__(self, exc: Any) -> None:
+        self.store.close()
+
+
+_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
+
+
+def save_atomically(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(staging, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
+
+
+def latest_checkpoint(folder: Path) -> str | None:
+    found = sorted(p for p in folder.glob("step-*.pt") if _CHECKPOINT.match(p.name)) if folder.is_dir() else []
+    return str(found[-1]) if found else None
+
+
+def prune_checkpoints(folder: Path, keep_last: int) -> None:
+    found = sorted(p for p in folder.glob("step-*.pt") if _CHECKPOINT.match(p.name))
+    for old in found[:-keep_last] if keep_last > 0 else []:
+        old.unlink()

@@ -1,0 +1,1 @@
+"""Data for RL: training batches (and, next, datasets and rewards)."""

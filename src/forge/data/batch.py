@@ -1,0 +1,61 @@
+"""What the replay buffer hands the trainer: typed, padded tensors.
+
+Layout: each row is one episode, ``tokens = prompt + response`` right-padded to the
+batch's longest row. Per-token arrays are aligned with ``tokens``: position ``t`` holds
+the value for ``tokens[t]`` (its logprob given ``tokens[<t]``). ``response_mask`` is 1
+exactly on response tokens, so prompt and padding never contribute to the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TrainInputs:
+    tokens: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long, 1 on real tokens
+
+    def select(self, rows: slice) -> "TrainInputs":
+        return TrainInputs(self.tokens[rows], self.attention_mask[rows])
+
+
+@dataclass
+class TrainTargets:
+    response_mask: torch.Tensor  # [B, L] float, 1 on response tokens
+    advantages: torch.Tensor  # [B] float
+    behaviour_logprobs: torch.Tensor  # [B, L] float, generator's logprobs (0 off the response)
+    ref_logprobs: torch.Tensor  # [B, L] float, reference model's logprobs (0 off the response)
+
+    def select(self, rows: slice) -> "TrainTargets":
+        return TrainTargets(self.response_mask[rows], self.advantages[rows],
+                            self.behaviour_logprobs[rows], self.ref_logprobs[rows])
+
+
+def collate(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    behaviour_logprobs: list[list[float]],
+    ref_logprobs: list[list[float]],
+    advantages: list[float],
+    pad_id: int,
+) -> tuple[TrainInputs, TrainTargets]:
+    """Pad episodes into one batch (see the module docstring for the layout)."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    batch = len(prompts)
+    tokens = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width)
+    behaviour = torch.zeros(batch, width)
+    ref = torch.zeros(batch, width)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        start, end = len(prompt), len(prompt) + len(response)
+        tokens[i, :end] = torch.tensor(prompt + response, dtype=torch.long)
+        attention[i, :end] = 1
+        mask[i, start:end] = 1
+        behaviour[i, start:end] = torch.tensor(behaviour_logprobs[i], dtype=torch.float32)
+        ref[i, start:end] = torch.tensor(ref_logprobs[i], dtype=torch.float32)
+    return (TrainInputs(tokens, attention),
+            TrainTargets(mask, torch.tensor(advantages, dtype=torch.float32), behaviour, ref))

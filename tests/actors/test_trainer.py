@@ -1,0 +1,160 @@
+"""Trainer, reference model and weight sync on real processes."""
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from forge.actors.policy import Policy
+from forge.actors.reference_model import ReferenceModel
+from forge.actors.trainer import RLTrainer, save_atomically
+from forge.data.batch import collate
+from forge.models import load_tokenizer
+from forge.weights.store import default_directory
+
+pytestmark = pytest.mark.timeout(240)
+
+MODEL = {"name": "qwen3", "flavor": "tiny"}
+
+
+def make_batch(num=4, seed=0):
+    """A GRPO batch of ``num`` arithmetic episodes with made-up rewards."""
+    tokenizer = load_tokenizer("tiny")
+    gen = torch.Generator().manual_seed(seed)
+    prompts, responses, behaviour, ref, adv = [], [], [], [], []
+    for i in range(num):
+        prompt = tokenizer(f"{i}+{i + 1}=", add_special_tokens=False)["input_ids"]
+        length = 2 + i % 3
+        response = torch.randint(4, 14, (length,), generator=gen).tolist()
+        prompts.append(prompt)
+        responses.append(response)
+        behaviour.append((-torch.rand(length, generator=gen) - 1).tolist())
+        ref.append((-torch.rand(length, generator=gen) - 1).tolist())
+        adv.append(float(torch.randn(1, generator=gen)))
+    return collate(prompts, responses, behaviour, ref, adv, tokenizer.pad_token_id)
+
+
+async def test_train_step_updates_weights_and_reports_metrics():
+    trainer = await RLTrainer.options(procs=1).as_actor(
+        model=MODEL, optimizer={"name": "AdamW", "lr": 1e-2}, training={"local_batch_size": 4, "seq_len": 64},
+    )
+    try:
+        before = await trainer.weights.call_one()
+        inputs, targets = make_batch()
+        loss = await trainer.train_step.call_one(inputs, targets)
+        assert isinstance(loss, float) and loss == loss
+        after = await trainer.weights.call_one()
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+        metrics = await trainer.metrics.call_one()
+        for key in ("loss", "grad_norm", "kl", "clip_fraction", "entropy", "num_tokens", "lr"):
+            assert key in metrics
+        assert metrics["step"] == 1 and metrics["num_tokens"] == 2 + 3 + 4 + 2
+    finally:
+        await RLTrainer.shutdown(trainer)
+
+
+@pytest.mark.parametrize("normalization", ["grpo", "dapo"])
+async def test_two_fsdp_ranks_match_one_process_on_the_same_global_batch(normalization):
+    config = dict(model=MODEL, optimizer={"name": "AdamW", "lr": 1e-2},
+                  training={"local_batch_size": 4, "seq_len": 64}, loss={"normalization": normalization})
+    single, double = await asyncio.gather(
+        RLTrainer.options(procs=1).as_actor(**config), RLTrainer.options(procs=2).as_actor(**config)
+    )
+    try:
+        for step in range(2):
+            inputs, targets = make_batch(4, seed=step)
+            loss_1 = await single.train_step.call_one(inputs, targets)
+            losses_2 = await double.train_step.call(inputs, targets)
+            assert [v for _, v in losses_2.items()] == pytest.approx([loss_1] * 2, abs=1e-5)
+        weights_1 = await single.weights.call_one()
+        weights_2 = [v for _, v in (await double.weights.call()).items()][0]
+        for key, value in weights_1.items():
+            assert torch.allclose(value, weights_2[key], atol=1e-5), key
+    finally:
+        await asyncio.gather(RLTrainer.shutdown(single), RLTrainer.shutdown(double))
+
+
+async def test_checkpoints_restore_model_optimizer_and_step_and_keep_the_last_k(tmp_path):
+    trainer = await RLTrainer.as_actor(
+        model=MODEL, optimizer={"name": "AdamW", "lr": 1e-2},
+        checkpoint={"folder": str(tmp_path), "interval": 1, "keep_last": 2},
+    )
+    try:
+        for step in range(3):
+            await trainer.train_step.call_one(*make_batch(seed=step))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002.pt", "step-00000003.pt"]
+        saved = await trainer.weights.call_one()
+        await trainer.train_step.call_one(*make_batch(seed=9))
+        assert await trainer.load_checkpoint.call_one(str(tmp_path / "step-00000003.pt")) == 3
+        restored = await trainer.weights.call_one()
+        assert all(torch.equal(saved[k], restored[k]) for k in saved)
+        # the same next step from the same state gives the same result: optimizer state restored
+        first = await trainer.train_step.call_one(*make_batch(seed=9))
+        await trainer.load_checkpoint.call_one(str(tmp_path / "step-00000003.pt"))
+        assert await trainer.train_step.call_one(*make_batch(seed=9)) == pytest.approx(first, abs=1e-7)
+    finally:
+        await RLTrainer.shutdown(trainer)
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_nothing_that_loads_wrong(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full (simulated)")
+
+    save_atomically({"step": 1}, tmp_path / "step-00000001.pt")
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_atomically({"step": 2, "bad": Unpicklable()}, tmp_path / "step-00000002.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001.pt"]
+    assert torch.load(tmp_path / "step-00000001.pt")["step"] == 1
+
+
+async def test_pushed_weights_reach_every_generator_bit_for_bit_and_stamp_completions():
+    store = f"test-{uuid.uuid4().hex[:8]}"
+    trainer, policy = await asyncio.gather(
+        RLTrainer.as_actor(model=MODEL, optimizer={"name": "AdamW", "lr": 1e-2}, weight_store=store),
+        Policy.options(num_replicas=2).as_service(
+            engine_config={"model": "tiny", "max_model_len": 64}, sampling_config={"max_tokens": 4},
+            weight_store=store),
+    )
+    try:
+        await trainer.train_step.call_one(*make_batch())
+        await trainer.push_weights.call_one(policy_version=1)
+        assert await policy.update_weights.fanout(policy_version=1) == [1, 1]
+        expected = await trainer.weights.call_one()
+        for generator_weights in await policy.weights.fanout():
+            for key, value in expected.items():
+                assert torch.equal(generator_weights[key], value), key
+        completions = await policy.generate.route("1+2=")
+        assert completions[0].generator_version == 1
+        assert await policy.get_version.fanout() == [1, 1]
+    finally:
+        await asyncio.gather(RLTrainer.shutdown(trainer), policy.shutdown())
+    assert not list(default_directory().glob(f"forge-w.{store}.*"))  # no segment left behind
+
+
+async def test_reference_model_scores_responses_like_a_full_forward():
+    ref = await ReferenceModel.options(procs=1).as_actor(model=MODEL, chunk_size=2)
+    try:
+        from forge.models import load_model
+
+        model = load_model("tiny")
+        ids = torch.randint(4, 20, (9,))
+        logprobs = await ref.forward.call_one(ids.unsqueeze(0), max_req_tokens=4, return_logprobs=True)
+        full = torch.log_softmax(model(ids[None]).logits.float(), -1)[0]
+        expected = full[3:-1].gather(1, ids[4:, None])[:, 0]
+        assert logprobs.shape == (1, 5) and torch.allclose(logprobs[0], expected, atol=1e-5)
+        with pytest.raises(Exception, match="max_req_tokens"):
+            await ref.forward.call_one(ids.unsqueeze(0), max_req_tokens=9)
+    finally:
+        await ReferenceModel.shutdown(ref)
+
+
+async def test_bad_trainer_config_is_rejected_before_spawning():
+    with pytest.raises(ValueError, match="optimizer name"):
+        await RLTrainer.as_actor(model=MODEL, optimizer={"name": "Lion"})
+    with pytest.raises(ValueError, match="flavor"):
+        await RLTrainer.as_actor(model={"name": "qwen3", "flavor": "1.7B"})
+    with pytest.raises(ValueError, match="lr_rate"):
+        await RLTrainer.as_actor(model=MODEL, optimizer={"lr_rate": 1})
