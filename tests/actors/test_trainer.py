@@ -158,3 +158,32 @@ async def test_bad_trainer_config_is_rejected_before_spawning():
         await RLTrainer.as_actor(model={"name": "qwen3", "flavor": "1.7B"})
     with pytest.raises(ValueError, match="lr_rate"):
         await RLTrainer.as_actor(model=MODEL, optimizer={"lr_rate": 1})
+
+
+async def test_a_rolling_update_keeps_route_serving_and_never_mixes_versions():
+    store = f"test-{uuid.uuid4().hex[:8]}"
+    trainer, policy = await asyncio.gather(
+        RLTrainer.as_actor(model=MODEL, optimizer={"name": "AdamW", "lr": 1e-2}, weight_store=store),
+        Policy.options(num_replicas=2).as_service(
+            engine_config={"model": "tiny", "max_model_len": 64},
+            sampling_config={"max_tokens": 8, "ignore_eos": True}, weight_store=store),
+    )
+    try:
+        await trainer.train_step.call_one(*make_batch())
+        await trainer.push_weights.call_one(policy_version=1)
+        served = []
+        updating = True
+
+        async def keep_generating():
+            while updating:
+                served.append((await policy.generate.route("4+4="))[0].generator_version)
+
+        clients = [asyncio.ensure_future(keep_generating()) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        assert await policy.update_weights.rolling(policy_version=1) == [1, 1]
+        updating = False
+        await asyncio.gather(*clients)
+        assert set(served) <= {0, 1} and 1 in served and 0 in served
+        assert await policy.get_version.fanout() == [1, 1]
+    finally:
+        await asyncio.gather(RLTrainer.shutdown(trainer), policy.shutdown())

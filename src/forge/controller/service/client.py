@@ -377,6 +377,43 @@ class ServiceClient:
             out.append(result)
         return out
 
+    async def rolling(self, method: str, args: tuple, kwargs: dict) -> list[Any]:
+        """Call ``method`` on every healthy replica, one at a time.
+
+        The replica being called is taken out of this process's routing first and its
+        in-flight calls from here finish, so ``route()`` keeps being served by the others.
+        """
+        self._ensure_watcher()
+        if self._broken is None:
+            await self._poll()
+        results = []
+        for replica_id in sorted(self._slots):
+            slot = self._slots.get(replica_id)
+            if slot is None or slot.is_gone:
+                continue
+            others = [l for l in self._healthy_loads if l is not slot.load]
+            if not others:  # a single replica: nothing else can serve meanwhile
+                results.append(await self._call_or_fail(slot, method, args, kwargs))
+                continue
+            self._healthy_loads = others
+            try:
+                while slot.load.in_flight or slot.load.queued:
+                    await asyncio.sleep(0.005)
+                results.append(await self._call_or_fail(slot, method, args, kwargs))
+            finally:
+                if self._slots.get(replica_id) is slot and not slot.is_gone:
+                    self._healthy_loads = sorted({*self._healthy_loads, slot.load}, key=lambda l: l.replica_id)
+        return results
+
+    async def _call_or_fail(self, slot: _Slot, method: str, args: tuple, kwargs: dict) -> Any:
+        try:
+            return await self._call(slot, method, args, kwargs, self._options.all_ranks)
+        except _ReplicaGone as gone:
+            raise ReplicaFailed(
+                f"service {self.name!r}: replica {slot.ref.replica_id} failed during {method}: {gone.reason}",
+                slot.ref.replica_id,
+            ) from None
+
     # ---- sessions and statistics ----------------------------------------------
 
     def enter_session(self) -> None:

@@ -37,6 +37,11 @@ class ServiceEndpoint:
         """Run on every healthy replica; a list of results in replica order."""
         return await self._service._client().fanout(self._name, args, kwargs)
 
+    async def rolling(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """Like ``fanout`` but one replica at a time, each taken out of routing while it
+        runs the call, so ``route()`` keeps being served (e.g. a rolling weight update)."""
+        return await self._service._client().rolling(self._name, args, kwargs)
+
     async def call_one(self, *args: Any, **kwargs: Any) -> Any:
         """Only for a service of exactly one process (one replica, procs=1)."""
         placement = self._service._placement

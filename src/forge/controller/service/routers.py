@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 
-@dataclass
+@dataclass(eq=False)
 class ReplicaLoad:
     """What a router sees of one healthy replica."""
 
