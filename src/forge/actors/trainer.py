@@ -285,6 +285,16 @@ class RLTrainer(ForgeActor):
         return self._save_checkpoint()
 
     @endpoint
+    async def save_checkpoint_to(self, path: str) -> str:
+        """Like save_checkpoint, to an explicit file (every rank must call it with FSDP)."""
+        state = self._checkpoint_state()
+        if self.rank == 0:
+            save_atomically(state, Path(path))
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return path
+
+    @endpoint
     async def load_checkpoint(self, path: str | None = None) -> int:
         """Restore from ``path`` (default: the latest in checkpoint.folder); returns the step."""
         if path is None:

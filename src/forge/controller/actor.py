@@ -42,6 +42,7 @@ from forge.controller.provisioner import (
 logger = logging.getLogger("forge.controller")
 
 _PING = "_forge_ping"
+_DRAIN = "_forge_drain_metrics"  # returns and resets the process's record_metric accumulators
 # Names a service handle or a Monarch ActorMesh uses itself; an endpoint may not take them.
 _RESERVED_SERVICE_NAMES = {"session", "statistics", "shutdown"}
 _actor_counter = itertools.count()
@@ -65,7 +66,7 @@ def _run_to_completion(method: Any) -> Any:
 
 def _adapt_endpoints(cls: type) -> None:
     """Make a mix of sync and async endpoints legal, and add the health-probe endpoint."""
-    endpoints = {n: e for n, e in _endpoints_of(cls).items() if n != _PING}
+    endpoints = {n: e for n, e in _endpoints_of(cls).items() if n not in (_PING, _DRAIN)}
     is_async = {n: inspect.iscoroutinefunction(e._method) for n, e in endpoints.items()}
     if any(is_async.values()) and not all(is_async.values()):
         for name, prop in endpoints.items():
@@ -84,14 +85,24 @@ def _adapt_endpoints(cls: type) -> None:
         if cleanup is not None and not inspect.iscoroutinefunction(cleanup):
             cls.__cleanup__ = _run_to_completion(cleanup)
     all_sync = bool(endpoints) and not any(is_async.values())
+    from forge.observability.metrics import drain_local_metrics
+
     if all_sync:
         def ping(self: Any) -> int:
             return os.getpid()
+
+        def drain(self: Any) -> dict:
+            return drain_local_metrics()
     else:
         async def ping(self: Any) -> int:
             return os.getpid()
+
+        async def drain(self: Any) -> dict:
+            return drain_local_metrics()
     ping.__name__ = ping.__qualname__ = _PING
+    drain.__name__ = drain.__qualname__ = _DRAIN
     setattr(cls, _PING, endpoint(ping))
+    setattr(cls, _DRAIN, endpoint(drain))
 
 
 class ForgeActor(Actor):
@@ -142,6 +153,17 @@ class ForgeActor(Actor):
         )
 
     @classmethod
+    def _check_endpoint_names(cls) -> None:
+        from monarch._src.actor.actor_mesh import ActorMesh
+
+        base = cls._forge_base or cls
+        clashes = sorted(n for n in _endpoints_of(base) if hasattr(ActorMesh, n))
+        if clashes:
+            raise ValueError(
+                f"{base.__name__} has endpoint(s) {clashes} whose names Monarch's ActorMesh uses itself; rename them"
+            )
+
+    @classmethod
     def validate_arguments(cls, *args: Any, **kwargs: Any) -> None:
         """Check constructor arguments in the caller, before any process is spawned.
 
@@ -170,6 +192,7 @@ class ForgeActor(Actor):
                 f"{base.__name__}.as_actor() spawns one actor mesh, but num_replicas="
                 f"{placement.num_replicas}; use as_service() for replicas"
             )
+        cls._check_endpoint_names()
         base.validate_arguments(*args, **kwargs)
         ensure_runtime()
         name = f"{base.__name__}_{next(_actor_counter)}"
@@ -203,13 +226,14 @@ class ForgeActor(Actor):
 
         placement, options = cls._forge_placement, cls._forge_service_options
         base = cls._forge_base or cls
-        endpoints = tuple(sorted(n for n in _endpoints_of(base) if n != _PING))
+        endpoints = tuple(sorted(n for n in _endpoints_of(base) if n not in (_PING, _DRAIN)))
         clashes = sorted(set(endpoints) & _RESERVED_SERVICE_NAMES)
         if clashes:
             raise ValueError(
                 f"{base.__name__} has endpoint(s) {clashes} whose names a service handle uses "
                 f"itself ({sorted(_RESERVED_SERVICE_NAMES)}); rename them"
             )
+        cls._check_endpoint_names()
         base.validate_arguments(*args, **kwargs)
         ensure_runtime()
         name = f"{base.__name__}_{next(_actor_counter)}"

@@ -109,6 +109,8 @@ class ServiceHandle:
         self._endpoints: dict[str, ServiceEndpoint] = {}
 
     def __getattr__(self, name: str) -> ServiceEndpoint:
+        if name == "_forge_drain_metrics":  # built into every Forge actor
+            return ServiceEndpoint(self, name)
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._endpoint_names:

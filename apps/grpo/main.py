@@ -1,0 +1,449 @@
+"""GRPO on Forge: every part of the RL loop is a service or an actor in its own processes.
+
+    python -m apps.grpo.main                                    # the embedded default (CPU)
+    python -m apps.grpo.main --config apps/grpo/default.yaml policy.num_replicas=2
+    python -m apps.grpo.main --resume runs/grpo-tiny-20261125-220000
+
+The loop's concurrent tasks and what each waits on:
+
+    rollout task x N  (run.rollout_tasks)               training task (one)
+    ─────────────────────────────────────               ───────────────────────────────────────────
+    dataloader.sample          (DatasetActor)            replay_buffer.sample(version) ── None? wait
+      → policy.generate.route  (Policy service, n=G)       → trainer.train_step.call     (RLTrainer)
+      → reward.evaluate_response.route × G (service)       → trainer.push_weights.call   (shared memory)
+      → ref_model.forward.route  (ReferenceModel)          → policy.update_weights.fanout/rolling
+      → compute_advantages.compute (actor)                 → drain metrics, log, eval, checkpoint
+      → replay_buffer.add × G    (ReplayBuffer)
+
+    watchdog: every 0.5 s checks that the singleton actors' processes are alive; a dead
+    one stops the run with an error naming it (service replicas are rebuilt instead).
+
+Staleness is bounded by ``replay_buffer.max_policy_age``: an episode from version p is
+trained on at version v only while v - p <= max_policy_age. Checkpoints are taken at a
+quiescent point (rollouts paused and drained into the buffer), so ``--resume`` continues
+exactly: trainer (model, optimizer, scheduler, RNG), buffer, data position, version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apps.grpo.actors import (  # noqa: F401  (the seeds import these from apps.grpo.main)
+    REWARD_FUNCTIONS,
+    ComputeAdvantages,
+    DatasetActor,
+    Episode,
+    Group,
+    RewardActor,
+    group_advantages,
+)
+from apps.grpo.config import GRPOConfig
+from forge.actors.policy import Policy
+from forge.actors.reference_model import ReferenceModel
+from forge.actors.replay_buffer import ReplayBuffer
+from forge.actors.trainer import RLTrainer, save_atomically
+from forge.data.rewards import MathReward
+from forge.observability import drain_local_metrics, merge_metrics, record_metric
+from forge.observability.logger import RunLogger, plot_curves
+from forge.util.config import load_config, to_dict
+
+logger = logging.getLogger("forge.grpo")
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+
+class ActorDied(RuntimeError):
+    """A singleton actor of the run died; the run cannot go on."""
+
+
+@dataclasses.dataclass
+class Services:
+    dataloader: Any
+    policy: Any
+    trainer: Any
+    replay_buffer: Any
+    compute_advantages: Any
+    ref_model: Any
+    reward: Any
+
+    def singletons(self) -> dict[str, Any]:
+        return {"dataloader": self.dataloader, "trainer": self.trainer, "replay_buffer": self.replay_buffer,
+                "compute_advantages": self.compute_advantages}
+
+    def services(self) -> dict[str, Any]:
+        return {"policy": self.policy, "ref_model": self.ref_model, "reward": self.reward}
+
+
+async def start_services(cfg: GRPOConfig, store: str) -> Services:
+    """Spawn everything concurrently (each in its own processes)."""
+    data = cfg.data
+    reward_fns = [REWARD_FUNCTIONS[name]() for name in cfg.reward.functions]
+    dataloader, policy, trainer, buffer, advantages, ref_model, reward = await asyncio.gather(
+        DatasetActor.options(procs=1).as_actor(
+            path=data.source, data_split=data.split, model=cfg.model, question_field=data.question_field,
+            answer_field=data.answer_field, seed=cfg.run.seed, use_chat_template=data.use_chat_template,
+            system_prompt=data.system_prompt, max_operand=data.max_operand, max_sum=data.max_sum),
+        Policy.options(procs=cfg.policy.procs, with_gpus=cfg.policy.with_gpus,
+                       num_replicas=cfg.policy.num_replicas).as_service(
+            engine_config=cfg.engine_config(), sampling_config=cfg.sampling_config(), weight_store=store),
+        RLTrainer.options(procs=cfg.trainer.procs, with_gpus=cfg.trainer.with_gpus).as_actor(
+            model=cfg.model_spec(), optimizer=cfg.trainer.optimizer, training=cfg.trainer.training,
+            loss=cfg.trainer.loss, lr_scheduler=cfg.trainer.lr_scheduler, weight_store=store,
+            checkpoint={"folder": None}),
+        ReplayBuffer.options(procs=1).as_actor(
+            batch_size=cfg.replay_buffer.batch_size, max_policy_age=cfg.replay_buffer.max_policy_age,
+            dp_size=cfg.trainer.procs, max_buffer_size=cfg.replay_buffer.max_buffer_size,
+            max_resample=cfg.replay_buffer.max_resample, seed=cfg.run.seed),
+        ComputeAdvantages.options(procs=1).as_actor(scale_by_std=cfg.scale_advantages_by_std),
+        ReferenceModel.options(procs=1, num_replicas=cfg.ref_model_replicas,
+                               with_gpus=cfg.trainer.with_gpus).as_service(model=cfg.model_spec()),
+        RewardActor.options(procs=1, num_replicas=cfg.reward.num_replicas).as_service(
+            reward_functions=reward_fns, weights=cfg.reward.weights),
+    )
+    return Services(dataloader, policy, trainer, buffer, advantages, ref_model, reward)
+
+
+async def stop_services(services: Services | None) -> None:
+    if services is None:
+        return
+    stops = [svc.shutdown() for svc in services.services().values()]
+    stops += [type_.shutdown(actor) for type_, actor in (
+        (DatasetActor, services.dataloader), (RLTrainer, services.trainer), (ReplayBuffer, services.replay_buffer),
+        (ComputeAdvantages, services.compute_advantages))]
+    results = await asyncio.gather(*(asyncio.wait_for(s, 15) for s in stops), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            logger.info("shutdown: %s", result)
+
+
+class GRPORun:
+    """State and tasks of one run (see the module docstring)."""
+
+    def __init__(self, cfg: GRPOConfig, run_dir: Path, services: Services) -> None:
+        self.cfg, self.run_dir, self.s = cfg, run_dir, services
+        self.version = 0
+        self.step = 0
+        self.rewards: list[float] = []  # per-step mean reward, for the stop criterion
+        self.gate = asyncio.Event()  # set: rollouts may start new groups
+        self.gate.set()
+        self.in_flight = 0
+        self.stopping = False
+        self.groups_made = 0
+        self.tokens_generated = 0
+        self.generate_seconds = 0.0
+        self.math = MathReward()
+
+    # ---- rollouts ----------------------------------------------------------------
+
+    async def rollout_loop(self) -> None:
+        s = self.s
+        while not self.stopping:
+            await self.gate.wait()
+            if self.stopping:
+                return
+            self.in_flight += 1
+            try:
+                sample = await s.dataloader.sample.call_one()
+                started = time.monotonic()
+                completions = await s.policy.generate.route(sample["request"])
+                self.generate_seconds += time.monotonic() - started
+                self.tokens_generated += sum(len(c.token_ids) for c in completions)
+                rewards = await s.reward.evaluate_responses.route(
+                    prompt=sample["question"], responses=[c.text for c in completions], target=sample["target"])
+                prompt_ids = completions[0].prompt_ids
+                width = max(len(c.token_ids) for c in completions)
+                pad_id = int(getattr(self, "pad_id", 0))
+                rows = [torch.cat([prompt_ids, torch.nn.functional.pad(c.token_ids, (0, width - len(c.token_ids)),
+                                                                      value=pad_id)]) for c in completions]
+                ref_logprobs = await s.ref_model.forward.route(torch.stack(rows), max_req_tokens=len(prompt_ids),
+                                                               return_logprobs=True)
+                group = Group.new_group(f"{sample['epoch']}-{sample['index']}", len(completions), sample["request"],
+                                        min(c.generator_version for c in completions), pad_id, len(prompt_ids),
+                                        width, sample["target"])
+                for i, (episode, completion, reward) in enumerate(zip(group.episodes, completions, rewards)):
+                    episode.policy_version = completion.generator_version
+                    episode.response = completion.text
+                    episode.request_tokens = prompt_ids.tolist()
+                    episode.response_tokens = completion.token_ids.tolist()
+                    episode.response_logprobs = completion.logprobs.tolist()
+                    episode.ref_logprobs = ref_logprobs[i, : len(completion.token_ids)].tolist()
+                    episode.reward = float(reward)
+                advantages = await s.compute_advantages.compute.call_one(group)
+                for episode, advantage in zip(group.episodes, advantages):
+                    episode.advantage = float(advantage)
+                    record_metric("reward/mean", episode.reward, "mean")
+                    record_metric("reward/max", episode.reward, "max")
+                await s.replay_buffer.add.call_one(group.episodes)
+                self.groups_made += 1
+            finally:
+                self.in_flight -= 1
+
+    # ---- training ----------------------------------------------------------------
+
+    async def train_loop(self, log: RunLogger, deadline: float) -> str:
+        s, cfg = self.s, self.cfg
+        while self.step < cfg.run.max_steps:
+            if time.monotonic() > deadline:
+                return f"time limit of {cfg.run.max_time_s:.0f} s reached"
+            step_started = time.monotonic()
+            batch = await s.replay_buffer.sample.call_one(curr_policy_version=self.version)
+            while batch is None:
+                await asyncio.sleep(0.01)
+                batch = await s.replay_buffer.sample.call_one(curr_policy_version=self.version)
+            inputs, targets = batch
+            losses = await s.trainer.train_step.call(inputs, targets)
+            self.version += 1
+            sync_started = time.monotonic()
+            await s.trainer.push_weights.call(policy_version=self.version)
+            if cfg.run.weight_update == "rolling":
+                await s.policy.update_weights.rolling(policy_version=self.version)
+            else:
+                await s.policy.update_weights.fanout(policy_version=self.version)
+            self.step += 1
+            metrics = await self.collect_metrics()
+            metrics.update({"trainer/loss_reported": float(next(iter(losses.values()))),
+                            "time/weight_sync_s": time.monotonic() - sync_started,
+                            "time/step_s": time.monotonic() - step_started,
+                            "policy/version": self.version})
+            if "reward/mean" in metrics:
+                self.rewards.append(metrics["reward/mean"])
+            if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
+                metrics["eval/accuracy"] = await self.evaluate()
+            log.log(self.step, metrics)
+            if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+                await self.checkpoint()
+            window = self.rewards[-cfg.run.reward_window:]
+            if (cfg.run.target_reward is not None and len(window) == cfg.run.reward_window
+                    and sum(window) / len(window) >= cfg.run.target_reward):
+                return f"mean reward {sum(window) / len(window):.3f} over the last {len(window)} steps reached the target"
+        return f"max_steps={cfg.run.max_steps} reached"
+
+    async def collect_metrics(self) -> dict[str, float]:
+        """Drain record_metric accumulators of every process and reduce them."""
+        s = self.s
+        parts = [drain_local_metrics()]
+        for actor in s.singletons().values():
+            parts += [v for _, v in (await actor._forge_drain_metrics.call()).items()]
+        for service in s.services().values():
+            for replica in await service._forge_drain_metrics.fanout():
+                parts.append(replica)
+        merged = merge_metrics(parts)
+        trainer_metrics = await s.trainer.metrics.call()
+        for key, value in next(iter(trainer_metrics.values())).items():
+            merged[f"trainer/{key}"] = float(value)
+        stats = await s.policy.statistics()
+        merged["policy/healthy_replicas"] = float(stats.num_healthy)
+        if self.generate_seconds:
+            merged["generate/tokens_per_s"] = self.tokens_generated / self.generate_seconds
+        self.tokens_generated, self.generate_seconds = 0, 0.0
+        return merged
+
+    async def evaluate(self) -> float:
+        """Greedy accuracy on the evaluation prompts."""
+        rows = self.eval_rows
+        answers = await asyncio.gather(*(
+            self.s.policy.generate.route(row["request"], sampling_config={"n": 1, "temperature": 0})
+            for row in rows))
+        scores = [self.math(row["question"], a[0].text, row["target"]) for row, a in zip(rows, answers)]
+        return sum(scores) / len(scores)
+
+    # ---- checkpoints ---------------------------------------------------------------
+
+    async def quiesce(self) -> None:
+        """Stop rollouts from starting groups and wait for the ones in flight to land."""
+        self.gate.clear()
+        deadline = time.monotonic() + 120
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def checkpoint(self) -> None:
+        await self.quiesce()
+        try:
+            folder = self.run_dir / "checkpoints"
+            trainer_path = folder / f"trainer-{self.step:08d}.pt"
+            await self.s.trainer.save_checkpoint_to.call(str(trainer_path))
+            state = {
+                "step": self.step, "version": self.version, "rewards": self.rewards,
+                "buffer": await self.s.replay_buffer.state_dict.call_one(),
+                "data": await self.s.dataloader.state_dict.call_one(),
+                "trainer": str(trainer_path.name),
+            }
+            save_atomically(state, folder / f"app-{self.step:08d}.pt")
+            for old in sorted(folder.glob("app-*.pt"))[:-self.cfg.run.keep_checkpoints]:
+                old.unlink()
+            for old in sorted(folder.glob("trainer-*.pt"))[:-self.cfg.run.keep_checkpoints]:
+                old.unlink()
+        finally:
+            self.gate.set()
+
+    async def restore(self, run_dir: Path) -> None:
+        folder = run_dir / "checkpoints"
+        states = sorted(folder.glob("app-*.pt"))
+        if not states:
+            raise ValueError(f"{run_dir} has no checkpoint to resume from (checkpoints/app-*.pt)")
+        state = torch.load(states[-1], weights_only=False)
+        await self.s.trainer.load_checkpoint.call(str(folder / state["trainer"]))
+        await self.s.replay_buffer.load_state_dict.call_one(state["buffer"])
+        await self.s.dataloader.load_state_dict.call_one(state["data"])
+        self.step, self.version, self.rewards = state["step"], state["version"], state["rewards"]
+        await self.s.trainer.push_weights.call(policy_version=self.version)
+        await self.s.policy.update_weights.fanout(policy_version=self.version)
+        truncate_metrics(run_dir / "metrics.jsonl", self.step)
+
+    # ---- watchdog ------------------------------------------------------------------
+
+    async def watchdog(self) -> None:
+        pids = {}
+        for name, actor in self.s.singletons().items():
+            for _, pid in (await actor._forge_ping.call()).items():
+                pids[pid] = name
+        (self.run_dir / "processes.json").write_text(json.dumps({str(p): n for p, n in pids.items()}, indent=1))
+        while True:
+            await asyncio.sleep(0.5)
+            for pid, name in pids.items():
+                if not _is_alive(pid):
+                    raise ActorDied(f"the {name} actor died (process {pid}); the run cannot continue without it. "
+                                    f"Resume from the last checkpoint with --resume {self.run_dir}")
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def new_run_dir(cfg: GRPOConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}-{os.getpid()}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Run GRPO to the target reward, max_steps or the time limit; returns a summary."""
+    random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    started = time.monotonic()
+    store = f"grpo-{os.getpid()}-{int(time.time())}"
+    services = None
+    log = None
+    tasks: list[asyncio.Task] = []
+    try:
+        services = await start_services(cfg, store)
+        grpo = GRPORun(cfg, run_dir, services)
+        from forge.models import load_tokenizer
+
+        grpo.pad_id = load_tokenizer(cfg.engine_config()["model"]).pad_token_id or 0
+        grpo.eval_rows = await services.dataloader.rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else []
+        if resume:
+            await grpo.restore(run_dir)
+        else:  # the generators start from exactly the trainer's weights, version 0
+            await services.trainer.push_weights.call(policy_version=0)
+            await services.policy.update_weights.fanout(policy_version=0)
+        startup_s = time.monotonic() - started
+        log = RunLogger(run_dir, cfg.metrics, cfg.run.max_steps, cfg.run.log_every, first_step=grpo.step)
+        log.write(f"run directory: {run_dir}  (services up in {startup_s:.1f} s)")
+        tasks = [asyncio.ensure_future(grpo.rollout_loop()) for _ in range(cfg.run.rollout_tasks)]
+        watchdog = asyncio.ensure_future(grpo.watchdog())
+        trainer_task = asyncio.ensure_future(grpo.train_loop(log, started + cfg.run.max_time_s))
+        tasks += [watchdog, trainer_task]
+        done, _ = await asyncio.wait([trainer_task, watchdog, *tasks[:-2]], return_when=asyncio.FIRST_COMPLETED)
+        finished = next(iter(done))
+        if finished is not trainer_task:
+            finished.result()  # raises: a rollout failed or an actor died
+            raise RuntimeError("a background task ended unexpectedly")
+        reason = trainer_task.result()
+        grpo.stopping = True
+        grpo.gate.set()
+        final_accuracy = await grpo.evaluate() if grpo.eval_rows else None
+        trained_ids = await services.replay_buffer.sampled_ids.call_one()
+        (run_dir / "trained_episodes.json").write_text(json.dumps(trained_ids))
+        window = grpo.rewards[-cfg.run.reward_window:]
+        summary = {"reason": reason, "steps": grpo.step, "wall_s": time.monotonic() - started,
+                   "startup_s": startup_s, "final_mean_reward": sum(window) / max(len(window), 1),
+                   "final_eval_accuracy": final_accuracy, "episodes_trained": len(trained_ids)}
+        if final_accuracy is not None:
+            log.history.append({"step": grpo.step, "eval/accuracy": final_accuracy})
+        history = log.history
+        log.close()
+        log = None
+        previous = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+            if (run_dir / "metrics.jsonl").exists() and resume else []
+        summary["plot"] = str(plot_curves(previous + history if resume else history, run_dir / "curves.png",
+                                          cfg.run.reward_window))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if log is not None:
+            log.close()
+        await stop_services(services)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="GRPO on Forge", epilog="Overrides: key=value, e.g. run.max_steps=50")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the embedded CPU demo)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.yaml").exists():
+                raise ValueError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+            cfg = load_config(GRPOConfig, run_dir / "config.yaml", args.overrides)
+        else:
+            cfg = load_config(GRPOConfig, args.config, args.overrides)
+            run_dir = new_run_dir(cfg)
+            from omegaconf import OmegaConf
+
+            OmegaConf.save(OmegaConf.create(to_dict(cfg)), run_dir / "config.yaml")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = asyncio.run(run(cfg, run_dir, resume=bool(args.resume)))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; processes stopped. Resume with: python -m apps.grpo.main --resume {run_dir}",
+              file=sys.stderr)
+        return 130
+    except ActorDied as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    print(f"\ndone: {summary['reason']}")
+    print(f"steps {summary['steps']}, {summary['wall_s']:.0f} s (startup {summary['startup_s']:.0f} s); "
+          f"mean reward {summary['final_mean_reward']:.3f}; eval accuracy "
+          f"{summary['final_eval_accuracy'] if summary['final_eval_accuracy'] is None else round(summary['final_eval_accuracy'], 3)}")
+    print(f"curves: {summary['plot']}\nmetrics: {run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

