@@ -235,17 +235,22 @@ class GRPORun:
     async def collect_metrics(self) -> dict[str, float]:
         """Drain record_metric accumulators of every process and reduce them."""
         s = self.s
+        singletons = list(s.singletons().values())
+        services = list(s.services().values())
+        results = await asyncio.gather(
+            *(actor._forge_drain_metrics.call() for actor in singletons),
+            *(service._forge_drain_metrics.fanout() for service in services),
+            s.trainer.metrics.call(), s.policy.statistics(),
+        )
         parts = [drain_local_metrics()]
-        for actor in s.singletons().values():
-            parts += [v for _, v in (await actor._forge_drain_metrics.call()).items()]
-        for service in s.services().values():
-            for replica in await service._forge_drain_metrics.fanout():
-                parts.append(replica)
+        for value_mesh in results[: len(singletons)]:
+            parts += [v for _, v in value_mesh.items()]
+        for replicas in results[len(singletons): len(singletons) + len(services)]:
+            parts += replicas
         merged = merge_metrics(parts)
-        trainer_metrics = await s.trainer.metrics.call()
+        trainer_metrics, stats = results[-2], results[-1]
         for key, value in next(iter(trainer_metrics.values())).items():
             merged[f"trainer/{key}"] = float(value)
-        stats = await s.policy.statistics()
         merged["policy/healthy_replicas"] = float(stats.num_healthy)
         if self.generate_seconds:
             merged["generate/tokens_per_s"] = self.tokens_generated / self.generate_seconds

@@ -1,8 +1,9 @@
 """Processes for actors and replicas: GPU allocation, per-process environment, runtime setup.
 
 Every Forge process gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and a
-free ``MASTER_PORT`` so ``torch.distributed`` works inside a replica, and with
-``with_gpus=True`` its own ``CUDA_VISIBLE_DEVICES``. The environment is passed through
+free ``MASTER_PORT`` so ``torch.distributed`` works inside a replica, with
+``with_gpus=True`` its own ``CUDA_VISIBLE_DEVICES``, and ``OMP_NUM_THREADS=1`` unless the
+caller's environment sets it (as torchrun does). The environment is passed through
 Monarch's per-rank bootstrap command, never by mutating the caller's ``os.environ``.
 
 ``ensure_runtime()`` runs once per process on the first spawn (never at import): it
@@ -118,6 +119,10 @@ def rank_env(num_procs: int, gpus: list[str] | None, extra: dict[str, str] | Non
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": master_port,
         }
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Like torchrun: many processes share the host's cores, and OpenMP threads that
+            # spin-wait in every one of them starve the rest. Set OMP_NUM_THREADS to override.
+            env["OMP_NUM_THREADS"] = "1"
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
         env.update(extra or {})

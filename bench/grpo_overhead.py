@@ -1,0 +1,113 @@
+"""The embedded GRPO default: distributed (Forge services) vs the same loop in one process.
+
+Both use the same model preset, task, hyperparameters (apps/grpo/default.yaml) and
+components (native engine, GRPO loss, rewards, group advantages); the distributed run is
+``apps.grpo.main.run`` with every service in its own processes and weight sync through
+shared memory each step. Evaluation is off in both so that episodes/s compare like for
+like. Reports time to a 10-step moving mean reward of 0.9 and training episodes/s.
+
+    .venv/bin/python bench/grpo_overhead.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from apps.grpo.actors import group_advantages
+from apps.grpo.config import GRPOConfig
+from apps.grpo.main import DEFAULT_CONFIG, run
+from forge.data.batch import collate
+from forge.data.datasets import ArithmeticTask, PromptSource
+from forge.data.rewards import MathReward
+from forge.engine.config import EngineConfig, SamplingParams
+from forge.engine.native import NativeEngine
+from forge.losses import LossConfig, grpo_loss, sequence_logprobs
+from forge.models import load_model, load_tokenizer
+from forge.util.config import load_config
+
+OVERRIDES = ["run.eval_every=0", "run.checkpoint_every=0", "metrics=[jsonl]"]
+
+
+def single_process(cfg: GRPOConfig) -> dict:
+    """The same GRPO loop with no actors: one process, synchronous, on-policy."""
+    random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    policy, reference, generator = load_model(cfg.model), load_model(cfg.model), load_model(cfg.model)
+    reference.requires_grad_(False)
+    engine = NativeEngine(generator, (tokenizer.eos_token_id,), EngineConfig(**cfg.engine_config()))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.trainer.optimizer["lr"])
+    loss_config = LossConfig(**cfg.trainer.loss)
+    source = PromptSource(ArithmeticTask().rows(), seed=cfg.run.seed)
+    sampling = SamplingParams.parse(cfg.sampling_config())
+    reward_fn = MathReward()
+    groups_per_step = cfg.replay_buffer.batch_size // cfg.group_size
+    window, started, reached = [], time.monotonic(), None
+    for step in range(1, cfg.run.max_steps + 1):
+        requests = []
+        for _ in range(groups_per_step):
+            item = source.sample()
+            ids = tokenizer(item["request"], add_special_tokens=False)["input_ids"]
+            requests.append((ids, item, engine.add_request(ids, sampling)))
+        while engine.has_work:
+            engine.step()
+        prompts, responses, behaviour, advantages, rewards = [], [], [], [], []
+        for ids, item, request in requests:
+            scores = [reward_fn(item["question"], tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                                item["target"]) for s in request.sequences]
+            for sequence, advantage in zip(request.sequences, group_advantages(scores)):
+                prompts.append(ids)
+                responses.append(sequence.token_ids)
+                behaviour.append(sequence.logprobs)
+                advantages.append(advantage)
+            rewards += scores
+        inputs, targets = collate(prompts, responses, behaviour, [[0.0] * len(r) for r in responses], advantages,
+                                  tokenizer.pad_token_id)
+        with torch.no_grad():
+            targets.ref_logprobs = sequence_logprobs(reference(inputs.tokens).logits, inputs.tokens) * targets.response_mask
+        logits = policy(input_ids=inputs.tokens, attention_mask=inputs.attention_mask).logits
+        loss, _ = grpo_loss(sequence_logprobs(logits, inputs.tokens), targets.behaviour_logprobs,
+                            targets.ref_logprobs, targets.advantages, targets.response_mask, loss_config)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.load_weights(policy.state_dict(), step)
+        window = (window + [sum(rewards) / len(rewards)])[-cfg.run.reward_window:]
+        if len(window) == cfg.run.reward_window and sum(window) / len(window) >= (cfg.run.target_reward or 2):
+            reached = time.monotonic() - started
+            break
+    elapsed = time.monotonic() - started
+    return {"steps": step, "time_to_target_s": reached, "episodes_per_s": step * cfg.replay_buffer.batch_size / elapsed,
+            "startup_s": 0.0}
+
+
+def distributed(cfg: GRPOConfig) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = asyncio.run(run(cfg, Path(tmp)))
+    training_s = summary["wall_s"] - summary["startup_s"]
+    reached = summary["reason"].startswith("mean reward")
+    return {"steps": summary["steps"], "time_to_target_s": training_s if reached else None,
+            "episodes_per_s": summary["episodes_trained"] / training_s, "startup_s": summary["startup_s"]}
+
+
+def main() -> None:
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, OVERRIDES)
+    results = {"one process, no services": single_process(cfg), "Forge services (default)": distributed(cfg)}
+    base = results["one process, no services"]["episodes_per_s"]
+    print("\n| loop | steps to 0.9 | time to 0.9 (s, after startup) | startup (s) | episodes/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        reached = f"{r['time_to_target_s']:.0f}" if r["time_to_target_s"] is not None else "not reached"
+        print(f"| {name} | {r['steps']} | {reached} | {r['startup_s']:.0f} | {r['episodes_per_s']:.0f} | "
+              f"{r['episodes_per_s'] / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
