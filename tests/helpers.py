@@ -32,18 +32,22 @@ def _is_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _live_monarch_pids():
+    """Pids of live (not zombie) Monarch worker processes on this machine."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            pid = int(entry.name)
+            if BOOTSTRAP in _cmdline(pid) and _is_alive(pid):
+                yield pid
+
+
 def monarch_procs_with_env(key: str, value: str) -> list[int]:
     """Live Monarch worker processes whose environment has ``key=value``."""
     needle = f"{key}={value}".encode()
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        if BOOTSTRAP not in _cmdline(pid) or not _is_alive(pid):
-            continue
+    for pid in _live_monarch_pids():
         try:
-            env = (entry / "environ").read_bytes().split(b"\0")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
         if needle in env:
@@ -55,12 +59,7 @@ def monarch_descendants(root: int | None = None) -> list[int]:
     """Live Monarch worker processes below ``root`` (default: this process)."""
     root = os.getpid() if root is None else root
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        if BOOTSTRAP not in _cmdline(pid) or not _is_alive(pid):
-            continue
+    for pid in _live_monarch_pids():
         parent = _ppid(pid)
         while parent not in (None, 0, 1):
             if parent == root:

@@ -85,8 +85,14 @@ def load_tokenizer(reference: str | os.PathLike) -> Any:
 def load_model(reference: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> Any:
     """A causal LM in eval mode on ``device``; weights from local files only."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(reference), local_files_only=True, dtype=torch_dtype(dtype)
-    )
+    path = resolve_model_path(reference)
+    showed_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar per actor process is noise on the console
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype(dtype))
+    finally:
+        if showed_bars:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
