@@ -110,3 +110,15 @@ def test_ctrl_c_and_a_dead_trainer_end_the_run_quickly_and_cleanly(tmp_path, fau
             app.kill()
         for pid in monarch_procs_with_env("FORGE_TEST_TAG", tag):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+async def test_data_parallel_trainer_replicated_policy_and_rolling_updates_in_the_app(tmp_path):
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, QUICK + [
+        "run.max_steps=3", f"run.output_dir={tmp_path}", "trainer.procs=2", "policy.num_replicas=2",
+        "run.weight_update=rolling", "run.checkpoint_every=2"])
+    summary = await run(cfg, tmp_path)
+    assert summary["steps"] == 3
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["policy/healthy_replicas"] == 2 and lines[-1]["policy/version"] == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["app-00000002.pt", "trainer-00000002.pt"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics as stats_lib
+import weakref
 from typing import Any
 
 from forge.controller.errors import ForgeUsageError
@@ -18,8 +19,19 @@ from forge.controller.options import PlacementOptions, ServiceOptions
 from forge.controller.service.client import ServiceClient, _await_monarch
 from forge.controller.service.types import Membership, ReplicaStats, ServiceStats
 
-# (service_id, event loop) -> the client all handle copies in this process share.
-_clients: dict[tuple[str, int], ServiceClient] = {}
+# event loop -> service_id -> the client all copies of that service's handle share there.
+# Keyed by the loop object (weakly), so a later loop never inherits a dead loop's client.
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, ServiceClient]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _clients_here() -> dict[str, ServiceClient]:
+    loop = asyncio.get_running_loop()
+    clients = _clients.get(loop)
+    if clients is None:
+        clients = _clients[loop] = {}
+    return clients
 
 
 class ServiceEndpoint:
@@ -127,10 +139,11 @@ class ServiceHandle:
         return f"ServiceHandle({self._name!r}, replicas={self._placement.num_replicas}, procs={self._placement.procs})"
 
     def __reduce__(self) -> Any:
-        client = _clients.get((self._service_id, _loop_id()))
-        membership = self._membership
-        if client is not None:
-            membership = client.membership or membership
+        try:
+            client = _clients_here().get(self._service_id)
+        except RuntimeError:  # pickled outside an event loop
+            client = None
+        membership = client.membership if client is not None else self._membership
         return (
             ServiceHandle,
             (self._name, self._service_id, self._endpoint_names, self._placement, self._options,
@@ -138,10 +151,12 @@ class ServiceHandle:
         )
 
     def _client(self) -> ServiceClient:
-        key = (self._service_id, _loop_id())
-        client = _clients.get(key)
+        clients = _clients_here()
+        client = clients.get(self._service_id)
         if client is None:
-            client = _clients[key] = ServiceClient(self._name, self._controller, self._options, self._membership)
+            client = clients[self._service_id] = ServiceClient(
+                self._name, self._controller, self._options, self._membership
+            )
         return client
 
     def session(self) -> _SessionScope:
@@ -194,9 +209,3 @@ class ServiceHandle:
             await client.close()
             await self._owner.stop()
 
-
-def _loop_id() -> int:
-    try:
-        return id(asyncio.get_running_loop())
-    except RuntimeError:
-        return 0
