@@ -63,12 +63,15 @@ class DatasetActor(ForgeActor):
     def __init__(self, path: str = "arithmetic", data_split: str = "train", model: str | None = None,
                  question_field: str = "question", answer_field: str = "answer", seed: int = 0,
                  use_chat_template: bool = False, system_prompt: str | None = None, max_operand: int = 9,
-                 max_sum: int = 9, revision: str | None = None, streaming: bool = False) -> None:
+                 max_sum: int = 9, revision: str | None = None, streaming: bool = False,
+                 eval_split: str | None = None) -> None:
+        eval_rows = None
         if path == "arithmetic":
             rows = ArithmeticTask(max_operand, max_sum).rows()
             question_field, answer_field = "question", "answer"
         else:
             rows = load_rows(path, data_split)
+            eval_rows = load_rows(path, eval_split) if eval_split else None
         tokenizer = None
         if use_chat_template:
             from forge.models import load_tokenizer
@@ -78,6 +81,8 @@ class DatasetActor(ForgeActor):
             tokenizer = load_tokenizer(model)
         self.source = PromptSource(rows, question_field, answer_field, seed, tokenizer, use_chat_template,
                                    system_prompt)
+        self.eval_source = (PromptSource(eval_rows, question_field, answer_field, seed, tokenizer,
+                                         use_chat_template, system_prompt) if eval_rows else self.source)
 
     @endpoint
     async def sample(self) -> dict[str, Any]:
@@ -87,10 +92,11 @@ class DatasetActor(ForgeActor):
         return item
 
     @endpoint
-    async def rows(self, count: int, offset: int = 0) -> list[dict[str, Any]]:
-        """``count`` rows in data set order (for evaluation), without moving the position."""
-        total = len(self.source.rows)
-        return [self.source.row((offset + i) % total) for i in range(min(count, total))]
+    async def eval_rows(self, count: int) -> list[dict[str, Any]]:
+        """Up to ``count`` evaluation rows: the held-out split when one was given, else the
+        first rows of the training data (all of them for the finite embedded task)."""
+        source = self.eval_source
+        return [source.row(i) for i in range(min(count, len(source.rows)))]
 
     @endpoint
     async def state_dict(self) -> dict[str, int]:

@@ -96,7 +96,8 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
         DatasetActor.options(procs=1).as_actor(
             path=data.source, data_split=data.split, model=cfg.model, question_field=data.question_field,
             answer_field=data.answer_field, seed=cfg.run.seed, use_chat_template=data.use_chat_template,
-            system_prompt=data.system_prompt, max_operand=data.max_operand, max_sum=data.max_sum),
+            system_prompt=data.system_prompt, max_operand=data.max_operand, max_sum=data.max_sum,
+            eval_split=data.eval_split),
         Policy.options(procs=cfg.policy.procs, with_gpus=cfg.policy.with_gpus,
                        num_replicas=cfg.policy.num_replicas).as_service(
             engine_config=cfg.engine_config(), sampling_config=cfg.sampling_config(), weight_store=store),
@@ -363,7 +364,7 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
         from forge.models import load_tokenizer
 
         grpo.pad_id = load_tokenizer(cfg.engine_config()["model"]).pad_token_id or 0
-        grpo.eval_rows = await services.dataloader.rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else []
+        grpo.eval_rows = await services.dataloader.eval_rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else []
         if resume:
             await grpo.restore(run_dir)
         else:  # the generators start from exactly the trainer's weights, version 0

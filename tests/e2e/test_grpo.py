@@ -122,3 +122,19 @@ async def test_data_parallel_trainer_replicated_policy_and_rolling_updates_in_th
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["policy/healthy_replicas"] == 2 and lines[-1]["policy/version"] == 3
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["app-00000002.pt", "trainer-00000002.pt"]
+
+
+@pytest.mark.timeout(300)
+async def test_a_local_jsonl_data_set_with_a_held_out_split_trains_and_evaluates(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"problem": f"{a}+{b}=", "solution": f"{a}+{b} is {a + b}\n#### {a + b}"} for a in range(5) for b in range(5)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
+    out = tmp_path / "runs"
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, QUICK + [
+        "run.max_steps=2", f"run.output_dir={out}", f"data.source={data}", "data.eval_split=test",
+        "data.question_field=problem", "data.answer_field=solution"])
+    out.mkdir()
+    summary = await run(cfg, out)
+    assert summary["steps"] == 2 and summary["final_eval_accuracy"] is not None
