@@ -187,3 +187,28 @@ async def test_a_rolling_update_keeps_route_serving_and_never_mixes_versions():
         assert await policy.get_version.fanout() == [1, 1]
     finally:
         await asyncio.gather(RLTrainer.shutdown(trainer), policy.shutdown())
+
+
+@pytest.mark.parametrize("trainer_procs", [1, 2])
+async def test_a_generator_on_another_host_pulls_weights_through_monarch(tmp_path, trainer_procs):
+    """'Another host' = a weight-store directory the trainer does not write to."""
+    from forge.weights import WeightStore
+
+    store = f"test-{uuid.uuid4().hex[:8]}"
+    trainer, policy = await asyncio.gather(
+        RLTrainer.options(procs=trainer_procs).as_actor(model=MODEL, optimizer={"name": "AdamW", "lr": 1e-2},
+                                                        weight_store=store),
+        Policy.as_actor(engine_config={"model": "tiny", "max_model_len": 64},
+                        weight_store=WeightStore(store, directory=tmp_path)),
+    )
+    try:
+        await trainer.train_step.call(*make_batch())
+        await trainer.push_weights.call(policy_version=1)
+        assert await policy.update_weights.call_one(policy_version=1, source=trainer) == 1
+        expected = next(iter((await trainer.weights.call()).values()))
+        mirrored = await policy.weights.call_one()
+        assert all(torch.equal(mirrored[k], v) for k, v in expected.items())
+        assert len(list(tmp_path.glob(f"forge-w.{store}.v1.*.bin"))) == 1  # shared by this host's replicas
+    finally:
+        await asyncio.gather(RLTrainer.shutdown(trainer), Policy.shutdown(policy))
+    assert not list(tmp_path.glob("*forge-w*"))  # the mirror goes with its process

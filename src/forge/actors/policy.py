@@ -86,13 +86,13 @@ class Policy(ForgeActor):
 
         self.engine_config = EngineConfig.parse(engine_config)
         self.sampling = SamplingParams.parse(sampling_config)
-        self.store = WeightStore(weight_store)
+        self.store = weight_store if isinstance(weight_store, WeightStore) else WeightStore(weight_store)
         self._engine: Any = None
         self._tokenizer: Any = None
 
     @classmethod
     def validate_arguments(cls, engine_config: Any = None, sampling_config: Any = None,
-                           weight_store: str | None = None, **unknown: Any) -> None:
+                           weight_store: Any = None, **unknown: Any) -> None:
         from forge.weights import WeightStore
 
         if unknown:
@@ -100,7 +100,8 @@ class Policy(ForgeActor):
                 f"Policy got unknown argument(s) {sorted(unknown)}; it takes engine_config, "
                 "sampling_config and weight_store"
             )
-        WeightStore(weight_store)
+        if not isinstance(weight_store, WeightStore):
+            WeightStore(weight_store)
         check_engine_available(EngineConfig.parse(engine_config), cls._forge_placement.with_gpus)
         SamplingParams.parse(sampling_config)
 
@@ -157,19 +158,27 @@ class Policy(ForgeActor):
         ]
 
     @endpoint
-    async def update_weights(self, policy_version: int, state_dict: dict[str, torch.Tensor] | None = None) -> int:
+    async def update_weights(self, policy_version: int, state_dict: dict[str, torch.Tensor] | None = None,
+                             source: Any = None) -> int:
         """Load weights version ``policy_version``; returns it once in effect.
 
         By default the weights come from the weight store the trainer published them to
         (``trainer.push_weights``), mapped from shared memory and copied straight into the
-        model. A ``state_dict`` (Hugging Face names) is loaded as given instead.
+        model. When the version is not on this host and ``source`` (the trainer) is given,
+        it is first pulled through Monarch in chunks into this host's store. A
+        ``state_dict`` (Hugging Face names) is loaded as given instead.
         """
         if state_dict is not None:
             await self._engine.update_weights(state_dict, int(policy_version))
             return int(policy_version)
+        if source is not None and self.store.find(int(policy_version)) is None:
+            await self.store.fetch(int(policy_version), source)
         with self.store.open(int(policy_version)) as published:
             await self._engine.update_weights(published, int(policy_version))
         return int(policy_version)
+
+    async def __cleanup__(self, exc: Any) -> None:
+        self.store.close()  # weights this replica mirrored from another host
 
     @endpoint
     async def weights(self) -> dict[str, torch.Tensor]:

@@ -111,14 +111,14 @@ class RLTrainer(ForgeActor):
         self.loss_config = _from_mapping(LossConfig, loss, "loss")
         self.schedule = _from_mapping(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
         self.checkpointing = _from_mapping(CheckpointConfig, checkpoint, "checkpoint")
-        self.store = WeightStore(weight_store)
+        self.store = weight_store if isinstance(weight_store, WeightStore) else WeightStore(weight_store)
         self.state = TrainerState()
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
     @classmethod
     def validate_arguments(cls, model: Any = None, optimizer: Any = None, training: Any = None, loss: Any = None,
-                           lr_scheduler: Any = None, checkpoint: Any = None, weight_store: str | None = None,
+                           lr_scheduler: Any = None, checkpoint: Any = None, weight_store: Any = None,
                            **unknown: Any) -> None:
         if unknown:
             raise ValueError(f"RLTrainer got unknown argument(s) {sorted(unknown)}")
@@ -128,7 +128,8 @@ class RLTrainer(ForgeActor):
         _from_mapping(LossConfig, loss, "loss")
         _from_mapping(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
         _from_mapping(CheckpointConfig, checkpoint, "checkpoint")
-        WeightStore(weight_store)
+        if not isinstance(weight_store, WeightStore):
+            WeightStore(weight_store)
 
     @endpoint
     async def setup(self) -> None:
@@ -247,6 +248,16 @@ class RLTrainer(ForgeActor):
         if self.world_size > 1:
             torch.distributed.barrier()
         return int(policy_version)
+
+    @endpoint
+    async def weights_size(self, policy_version: int) -> int:
+        """Bytes of published ``policy_version`` (rank 0); for generators on other hosts."""
+        return self.store.published_size(int(policy_version))
+
+    @endpoint
+    async def weights_chunk(self, policy_version: int, offset: int, length: int) -> bytes:
+        """A chunk of published ``policy_version`` (rank 0): the cross-host weight path."""
+        return self.store.read_bytes(int(policy_version), offset, length)
 
     @endpoint
     async def weights(self) -> dict[str, torch.Tensor]:

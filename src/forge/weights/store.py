@@ -179,11 +179,7 @@ class WeightStore:
             raise
         finally:
             segment.unlock()
-        self._published.append(segment)
-        while len(self._published) > self.keep:  # older versions disappear from readers' view
-            old = self._published.pop(0)
-            old.rename(self.directory / f".{PREFIX}.{self.name}.idle{uuid.uuid4().hex[:8]}.{os.getpid()}.bin")
-            self._idle.append(old)
+        self._retire(segment)  # older versions disappear from readers' view
         return segment.path
 
     def close(self) -> None:
@@ -199,6 +195,63 @@ class WeightStore:
         self._idle.clear()
 
     # ---- reading (the generators) ------------------------------------------------
+
+    # ---- the cross-host path -------------------------------------------------------
+
+    def read_bytes(self, version: int, offset: int, length: int) -> bytes:
+        """``length`` bytes of this process's published ``version`` file from ``offset``."""
+        for segment in self._published:
+            if segment.path.name.startswith(f"{PREFIX}.{self.name}.v{version}."):
+                return bytes(segment.buffer[offset : offset + length])
+        raise ValueError(f"weights version {version} of store {self.name!r} is not published by this process")
+
+    def published_size(self, version: int) -> int:
+        for segment in self._published:
+            if segment.path.name.startswith(f"{PREFIX}.{self.name}.v{version}."):
+                return segment.size
+        raise ValueError(f"weights version {version} of store {self.name!r} is not published by this process")
+
+    async def fetch(self, version: int, source: Any, chunk_bytes: int = 64 << 20, in_flight: int = 4) -> Path:
+        """Copy ``version`` from a publisher on another host into this host's store.
+
+        ``source`` is an actor (mesh) with ``weights_size(version)`` and
+        ``weights_chunk(version, offset, length)`` endpoints, such as ``RLTrainer``: the file
+        travels through Monarch in chunks, ``in_flight`` at a time, into a local segment
+        that is renamed into place when complete, so the replicas of this host then load it
+        from shared memory like a local version.
+        """
+        import asyncio
+
+        if hasattr(source, "size") and callable(source.size) and source.size() > 1:
+            source = source.slice(**{dim: 0 for dim in source.extent.keys()})  # rank 0 publishes
+        size = await source.weights_size.call_one(version)
+        segment = self._segment_for(size)
+        try:
+            offsets = list(range(0, size, chunk_bytes))
+            limit = asyncio.Semaphore(in_flight)
+
+            async def pull(offset: int) -> None:
+                async with limit:
+                    data = await source.weights_chunk.call_one(version, offset, min(chunk_bytes, size - offset))
+                segment.buffer[offset : offset + len(data)] = data
+
+            await asyncio.gather(*(pull(o) for o in offsets))
+            segment.rename(self.directory / f"{PREFIX}.{self.name}.v{version}.{os.getpid()}.bin")
+        except BaseException:
+            segment.destroy()
+            raise
+        finally:
+            segment.unlock()
+        self._retire(segment)
+        return segment.path
+
+    def _retire(self, segment: _Segment) -> None:
+        """Record a new version's segment and hide the versions beyond ``keep``."""
+        self._published.append(segment)
+        while len(self._published) > self.keep:
+            old = self._published.pop(0)
+            old.rename(self.directory / f".{PREFIX}.{self.name}.idle{uuid.uuid4().hex[:8]}.{os.getpid()}.bin")
+            self._idle.append(old)
 
     def find(self, version: int) -> Path | None:
         matches = sorted(self.directory.glob(f"{PREFIX}.{self.name}.v{version}.*.bin"))
