@@ -71,3 +71,15 @@ def test_leftovers_of_a_killed_process_are_swept_and_live_ones_kept(tmp_path):
 def test_bad_store_names_are_refused():
     with pytest.raises(ValueError, match="letters"):
         WeightStore("../etc")
+
+
+def test_a_publish_that_fails_halfway_leaves_no_file_and_the_previous_version_readable(store, tmp_path):
+    store.publish({"w": torch.ones(3)}, 1)
+    with pytest.raises(Exception):
+        store.publish({"w": torch.ones(3), "broken": torch.empty(4, device="meta")}, 2)
+    assert store.find(2) is None
+    assert not [p for p in tmp_path.iterdir() if ".v2." in p.name or ".tmp" in p.name]
+    with store.open(1) as tensors:
+        assert torch.equal(tensors["w"], torch.ones(3))
+    store.publish({"w": torch.zeros(3)}, 2)
+    assert torch.equal(store.read(2)["w"], torch.zeros(3))

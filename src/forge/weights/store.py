@@ -162,9 +162,7 @@ class WeightStore:
             offset += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
         header = json.dumps({"version": version, "tensors": entries}).encode()
         data_start = (8 + len(header) + _ALIGN - 1) // _ALIGN * _ALIGN
-        segment = self._segment_for(data_start + offset)
-        try:
-            buffer = segment.buffer
+        with self._new_version(data_start + offset, version) as buffer:
             buffer[:8] = struct.pack("<Q", len(header))
             buffer[8 : 8 + len(header)] = header
             for entry, tensor in zip(entries, state_dict.values()):
@@ -173,14 +171,21 @@ class WeightStore:
                                               offset=data_start + entry["offset"])
                     target.copy_(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu())
                     del target
+        return self._published[-1].path
+
+    @contextlib.contextmanager
+    def _new_version(self, size: int, version: int) -> Iterator[mmap.mmap]:
+        """A locked segment of ``size`` bytes to fill; on success it becomes ``version``
+        (renamed into place, so readers see it only complete), on failure it is removed."""
+        segment = self._segment_for(size)
+        try:
+            yield segment.buffer
             segment.rename(self.directory / f"{PREFIX}.{self.name}.v{version}.{os.getpid()}.bin")
+            segment.unlock()
         except BaseException:
             segment.destroy()
             raise
-        finally:
-            segment.unlock()
         self._retire(segment)  # older versions disappear from readers' view
-        return segment.path
 
     def close(self) -> None:
         """Remove every file this store published or keeps for reuse; drop cached mappings."""
@@ -225,25 +230,16 @@ class WeightStore:
         if hasattr(source, "size") and callable(source.size) and source.size() > 1:
             source = source.slice(**{dim: 0 for dim in source.extent.keys()})  # rank 0 publishes
         size = await source.weights_size.call_one(version)
-        segment = self._segment_for(size)
-        try:
-            offsets = list(range(0, size, chunk_bytes))
+        with self._new_version(size, version) as buffer:
             limit = asyncio.Semaphore(in_flight)
 
             async def pull(offset: int) -> None:
                 async with limit:
                     data = await source.weights_chunk.call_one(version, offset, min(chunk_bytes, size - offset))
-                segment.buffer[offset : offset + len(data)] = data
+                buffer[offset : offset + len(data)] = data
 
-            await asyncio.gather(*(pull(o) for o in offsets))
-            segment.rename(self.directory / f"{PREFIX}.{self.name}.v{version}.{os.getpid()}.bin")
-        except BaseException:
-            segment.destroy()
-            raise
-        finally:
-            segment.unlock()
-        self._retire(segment)
-        return segment.path
+            await asyncio.gather(*(pull(o) for o in range(0, size, chunk_bytes)))
+        return self._published[-1].path
 
     def _retire(self, segment: _Segment) -> None:
         """Record a new version's segment and hide the versions beyond ``keep``."""
