@@ -271,3 +271,34 @@ async def test_shutdown_leaves_no_process_behind():
     assert await async_wait_until(lambda: set(monarch_descendants()) <= before, 15)
     with pytest.raises(ServiceUnavailable, match="shut down"):
         await service.whoami.route()
+
+
+class Unsendable:
+    def __reduce__(self):
+        raise TypeError("cannot pickle this on purpose")
+
+
+async def test_a_call_that_cannot_be_sent_raises_and_leaves_the_counters_clean():
+    service = await Worker.options(num_replicas=2, router="least_loaded").as_service()
+    try:
+        with pytest.raises(TypeError, match="on purpose"):
+            await service.work.route(Unsendable())
+        stats = await service.statistics()
+        assert all(r.in_flight == 0 and r.queued == 0 for r in stats.replicas)
+        assert await service.whoami.rolling() and len(await service.whoami.fanout()) == 2
+    finally:
+        await service.shutdown()
+
+
+async def test_a_cancelled_caller_is_not_retried_and_the_replica_is_kept():
+    service = await Worker.options(num_replicas=2).as_service()
+    try:
+        call = asyncio.ensure_future(service.work.route(1, 5.0))
+        await asyncio.sleep(0.3)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        stats = await service.statistics()
+        assert all(r.num_restarts == 0 and r.state == "healthy" for r in stats.replicas)
+    finally:
+        await service.shutdown()

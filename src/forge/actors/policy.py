@@ -173,6 +173,7 @@ class Policy(ForgeActor):
             return int(policy_version)
         if source is not None and self.store.find(int(policy_version)) is None:
             await self.store.fetch(int(policy_version), source)
+        await self.store.wait_for(int(policy_version))  # never block this replica's event loop
         with self.store.open(int(policy_version)) as published:
             await self._engine.update_weights(published, int(policy_version))
         return int(policy_version)

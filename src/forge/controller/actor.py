@@ -213,7 +213,7 @@ class ForgeActor(Actor):
             if gpus:
                 gpu_allocator.release(gpus)
             raise
-        _actor_resources[id(actors)] = (proc_mesh, gpus)
+        _actor_resources[id(actors)] = (actors, proc_mesh, gpus)  # holding actors keeps the id unique
         return actors
 
     # ---- a service -------------------------------------------------------------
@@ -284,7 +284,7 @@ class ForgeActor(Actor):
                 f"{cls.__name__}.shutdown() got {actor!r}, which is not an actor this process "
                 "spawned with as_actor() (or it was shut down already)"
             )
-        proc_mesh, gpus = resources
+        _, proc_mesh, gpus = resources
         try:
             await proc_mesh.stop()
         finally:
@@ -292,8 +292,8 @@ class ForgeActor(Actor):
                 gpu_allocator.release(gpus)
 
 
-# id(ActorMesh) -> (ProcMesh, GPUs) of actors spawned by as_actor in this process.
-_actor_resources: dict[int, tuple[Any, list[str] | None]] = {}
+# id(ActorMesh) -> (ActorMesh, ProcMesh, GPUs) of actors spawned by as_actor in this process.
+_actor_resources: dict[int, tuple[Any, Any, list[str] | None]] = {}
 
 
 class _ServiceOwner:

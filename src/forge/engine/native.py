@@ -118,7 +118,7 @@ class AsyncEngine:
         self.engine = engine
         self._waiters: dict[Request, asyncio.Future] = {}
         self._stepper: asyncio.Task | None = None
-        self._idle: asyncio.Event | None = None
+        self._updating: asyncio.Lock | None = None  # one weight swap at a time
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         request = self.engine.add_request(prompt_ids, params)
@@ -156,17 +156,20 @@ class AsyncEngine:
 
     async def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Pause admission, drain running sequences, load weights, resume."""
+        if self._updating is None:
+            self._updating = asyncio.Lock()
         scheduler = self.engine.scheduler
-        scheduler.is_admitting = False
-        try:
-            while scheduler.running:
-                self._ensure_stepping()
-                await asyncio.sleep(0.001)
-            self.engine.load_weights(state_dict, version)
-        finally:
-            scheduler.is_admitting = True
-            if scheduler.has_work:
-                self._ensure_stepping()
+        async with self._updating:
+            scheduler.is_admitting = False
+            try:
+                while scheduler.running:
+                    self._ensure_stepping()
+                    await asyncio.sleep(0.001)
+                self.engine.load_weights(state_dict, version)
+            finally:
+                scheduler.is_admitting = True
+                if scheduler.has_work:
+                    self._ensure_stepping()
 
     @property
     def version(self) -> int:

@@ -189,10 +189,8 @@ class WeightStore:
 
     def close(self) -> None:
         """Remove every file this store published or keeps for reuse; drop cached mappings."""
-        for f, buffer in self._mapped.values():
-            with contextlib.suppress(BufferError):
-                buffer.close()
-            f.close()
+        for entry in self._mapped.values():
+            self._unmap(entry)
         self._mapped.clear()
         for segment in [*self._published, *self._idle]:
             segment.destroy()
@@ -238,7 +236,14 @@ class WeightStore:
                     data = await source.weights_chunk.call_one(version, offset, min(chunk_bytes, size - offset))
                 buffer[offset : offset + len(data)] = data
 
-            await asyncio.gather(*(pull(o) for o in range(0, size, chunk_bytes)))
+            pulls = [asyncio.ensure_future(pull(o)) for o in range(0, size, chunk_bytes)]
+            try:
+                await asyncio.gather(*pulls)
+            except BaseException:
+                for task in pulls:  # stop writing into a segment that is about to be removed
+                    task.cancel()
+                await asyncio.gather(*pulls, return_exceptions=True)
+                raise
         return self._published[-1].path
 
     def _retire(self, segment: _Segment) -> None:
@@ -302,21 +307,44 @@ class WeightStore:
         """The file and a mapping of it, kept across versions: the publisher rewrites the
         same segments in place, so a cached mapping costs no page-table work next time."""
         f = open(path, "r+b")
-        key = os.fstat(f.fileno()).st_ino
-        size = os.fstat(f.fileno()).st_size
-        cached = self._mapped.get(key)
-        if cached is not None and cached[1].size() == size:
+        stat = os.fstat(f.fileno())
+        cached = self._mapped.get(stat.st_ino)
+        if cached is not None and cached[1].size() == stat.st_size:
             f.close()
-            self._mapped.move_to_end(key)
+            self._mapped.move_to_end(stat.st_ino)
             return cached
-        buffer = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | _POPULATE)
-        self._mapped[key] = (f, buffer)
-        while len(self._mapped) > 2 * self.keep + 2:
-            _, (old_file, old_buffer) = self._mapped.popitem(last=False)
-            with contextlib.suppress(BufferError):
-                old_buffer.close()
-            old_file.close()
+        try:
+            buffer = mmap.mmap(f.fileno(), stat.st_size, flags=mmap.MAP_SHARED | _POPULATE)
+        except BaseException:
+            f.close()
+            raise
+        if cached is not None:  # same inode, new size: a different file now
+            self._unmap(cached)
+        self._mapped[stat.st_ino] = (f, buffer)
+        while len(self._mapped) > 2 * self.keep + 2:  # only called between reads: nothing is locked
+            _, old = self._mapped.popitem(last=False)
+            self._unmap(old)
         return f, buffer
+
+    @staticmethod
+    def _unmap(entry: tuple[Any, mmap.mmap]) -> None:
+        f, buffer = entry
+        with contextlib.suppress(BufferError):
+            buffer.close()
+        f.close()
+
+    async def wait_for(self, version: int, timeout_s: float = 60.0) -> None:
+        """Wait (without blocking the event loop) until ``version`` is on this host."""
+        import asyncio
+
+        deadline = time.monotonic() + timeout_s
+        while self.find(version) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"weights version {version} of store {self.name!r} did not appear in {self.directory} "
+                    f"within {timeout_s} s; did the trainer publish it (push_weights) with the same store name?"
+                )
+            await asyncio.sleep(0.01)
 
     def read(self, version: int, timeout_s: float = 60.0) -> dict[str, torch.Tensor]:
         """A private copy of ``version`` (for callers that keep the tensors)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import weakref
@@ -31,6 +32,7 @@ logger = logging.getLogger("forge.service")
 
 _WATCH_TIMEOUT_S = 5.0  # bound on one membership poll or failure report
 _WATCH_INTERVAL_S = 0.2  # how often a client polls the controller for membership changes
+_WATCH_MAX_FAILURES = 6  # consecutive timed-out polls (about 30 s) before the service counts as gone
 _LATENCY_WINDOW = 2048
 
 
@@ -94,7 +96,8 @@ class _Slot:
             if waiter.done() and not waiter.cancelled():
                 self.release_capacity()  # handed over just as we were cancelled: pass it on
             else:
-                self.waiters.remove(waiter)
+                with contextlib.suppress(ValueError):  # release_capacity may have skipped it already
+                    self.waiters.remove(waiter)
             raise
         finally:
             self.load.queued -= 1
@@ -145,6 +148,8 @@ class ServiceClient:
         self._watcher: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._broken: str | None = None
+        self._dropped: set[tuple[int, int]] = set()  # (replica, generation) this process saw fail
+        self._excluded: set[int] = set()  # replicas rolling() holds out of routing
         self.membership = membership
         self.apply(membership)
 
@@ -159,6 +164,8 @@ class ServiceClient:
             self._broken = f"service {self.name!r} has been shut down"
         new_slots: dict[int, _Slot] = {}
         for ref in membership.replicas:
+            if (ref.replica_id, ref.generation) in self._dropped:
+                continue  # this process saw it fail; the controller's answer predates our report
             old = self._slots.get(ref.replica_id)
             if old is not None and old.ref.generation == ref.generation and not old.is_gone:
                 new_slots[ref.replica_id] = old
@@ -170,8 +177,15 @@ class ServiceClient:
                 old.leave()
                 self._retired[replica_id] = old
         self._slots = new_slots
-        self._healthy_loads = [s.load for s in sorted(new_slots.values(), key=lambda s: s.ref.replica_id)]
+        self._refresh_loads()
         self._notify()
+
+    def _refresh_loads(self) -> None:
+        """The loads the router chooses from: healthy replicas not held out by rolling()."""
+        self._healthy_loads = [
+            s.load for s in sorted(self._slots.values(), key=lambda s: s.ref.replica_id)
+            if s.ref.replica_id not in self._excluded
+        ]
 
     def _notify(self) -> None:
         if self._changed is not None and not self._changed.done():
@@ -179,6 +193,7 @@ class ServiceClient:
 
     def _drop_slot(self, slot: _Slot, reason: str) -> None:
         """This process saw the replica fail: stop using it and tell the controller."""
+        self._dropped.add((slot.ref.replica_id, slot.ref.generation))
         if self._slots.get(slot.ref.replica_id) is slot:
             del self._slots[slot.ref.replica_id]
             self._retired[slot.ref.replica_id] = slot
@@ -209,15 +224,20 @@ class ServiceClient:
             self.apply(membership)
 
     async def _watch(self) -> None:
+        failures = 0
         while self._broken is None:
             try:
                 await self._poll()
+                failures = 0
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the controller is gone, so is the service
-                self._broken = f"service {self.name!r} controller is unreachable: {e}"
-                self._notify()
-                return
+            except Exception as e:  # a slow answer is retried; a dead controller ends the service
+                failures += 1
+                if is_infrastructure_error(e) or failures >= _WATCH_MAX_FAILURES:
+                    self._broken = f"service {self.name!r} controller is unreachable: {e}"
+                    self._notify()
+                    return
+                logger.info("service %s: membership poll failed (%s); retrying", self.name, e)
             await asyncio.sleep(_WATCH_INTERVAL_S)
 
     def _spawn(self, coro: Any) -> None:
@@ -257,8 +277,9 @@ class ServiceClient:
             if self._broken is not None:
                 raise ServiceUnavailable(self._broken)
             if self._healthy_loads:
-                if session is not None and session.slot is not None and not session.slot.is_gone:
-                    return session.slot
+                pinned = session.slot if session is not None else None
+                if pinned is not None and not pinned.is_gone and pinned.ref.replica_id not in self._excluded:
+                    return pinned
                 load = self._router.choose(self._healthy_loads, asyncio.current_task())
                 slot = self._slots[load.replica_id]
                 if session is not None:
@@ -280,21 +301,26 @@ class ServiceClient:
         try:
             if slot.is_gone:
                 raise _ReplicaGone(slot.ref.replica_id, "replica left the service")
-            load.in_flight += 1
             started = time.perf_counter()
-            endpoint = slot.endpoint(method)
-            future = endpoint.choose(*args, **kwargs) if slot.ref.num_procs == 1 else endpoint.call(*args, **kwargs)
             caller = asyncio.current_task()
+            load.in_flight += 1
             slot.callers.add(caller)
             try:
-                result = await future
+                endpoint = slot.endpoint(method)
+                if slot.ref.num_procs == 1:
+                    result = await endpoint.choose(*args, **kwargs)
+                else:
+                    result = await endpoint.call(*args, **kwargs)
             except asyncio.CancelledError:
-                if caller in slot.evicted:  # cancelled by leave(), not by the caller's owner
-                    slot.evicted.discard(caller)
-                    if hasattr(caller, "uncancel"):  # Python >= 3.11 counts cancellations
+                was_evicted = caller in slot.evicted  # cancelled by leave(), not by the caller's owner
+                slot.evicted.discard(caller)
+                if hasattr(caller, "cancelling"):  # Python >= 3.11 counts cancellations
+                    if was_evicted:
                         caller.uncancel()
-                if hasattr(caller, "cancelling") and caller.cancelling() > 0:
-                    raise  # the caller itself is being cancelled
+                    if caller.cancelling() > 0:
+                        raise  # the caller itself is being cancelled
+                elif not was_evicted:
+                    raise  # Python 3.10 cannot tell a runtime cancellation from the caller's own
                 # Left the service, or Monarch dropped the reply of a dying process.
                 slot.failed += 1
                 self._drop_slot(slot, "the call was cancelled by the runtime (process gone)")
@@ -391,18 +417,19 @@ class ServiceClient:
             slot = self._slots.get(replica_id)
             if slot is None or slot.is_gone:
                 continue
-            others = [l for l in self._healthy_loads if l is not slot.load]
-            if not others:  # a single replica: nothing else can serve meanwhile
+            if len(self._slots) == 1:  # a single replica: nothing else can serve meanwhile
                 results.append(await self._call_or_fail(slot, method, args, kwargs))
                 continue
-            self._healthy_loads = others
+            self._excluded.add(replica_id)
+            self._refresh_loads()
             try:
                 while slot.load.in_flight or slot.load.queued:
                     await asyncio.sleep(0.005)
                 results.append(await self._call_or_fail(slot, method, args, kwargs))
             finally:
-                if self._slots.get(replica_id) is slot and not slot.is_gone:
-                    self._healthy_loads = sorted({*self._healthy_loads, slot.load}, key=lambda l: l.replica_id)
+                self._excluded.discard(replica_id)
+                self._refresh_loads()
+                self._notify()
         return results
 
     async def _call_or_fail(self, slot: _Slot, method: str, args: tuple, kwargs: dict) -> Any:

@@ -15,6 +15,7 @@ the hot path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -220,11 +221,10 @@ class ServiceController(Actor):
             await asyncio.wait_for(mesh.stop(), _STOP_TIMEOUT_S)
         except Exception as e:  # a broken or hung mesh: make sure its processes are gone
             logger.info("service %s: stopping replica %d: %s; killing its processes", self._spec.name, replica.replica_id, e)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        finally:  # also when this task is cancelled (shutdown): never leave a hung replica running
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     async def _stop_all(self) -> None:
         await asyncio.gather(*(self._stop_replica(r) for r in self._replicas), return_exceptions=True)
