@@ -289,10 +289,9 @@ class GRPORun:
                 "trainer": str(trainer_path.name),
             }
             save_atomically(state, folder / f"app-{self.step:08d}.pt")
-            for old in sorted(folder.glob("app-*.pt"))[:-self.cfg.run.keep_checkpoints]:
-                old.unlink()
-            for old in sorted(folder.glob("trainer-*.pt"))[:-self.cfg.run.keep_checkpoints]:
-                old.unlink()
+            for pattern in ("app-*.pt", "trainer-*.pt"):
+                for old in sorted(folder.glob(pattern))[:-self.cfg.run.keep_checkpoints]:
+                    old.unlink()
         finally:
             self.gate.set()
 

@@ -86,7 +86,7 @@ class Policy(ForgeActor):
 
         self.engine_config = EngineConfig.parse(engine_config)
         self.sampling = SamplingParams.parse(sampling_config)
-        self.store = weight_store if isinstance(weight_store, WeightStore) else WeightStore(weight_store)
+        self.store = WeightStore.resolve(weight_store)
         self._engine: Any = None
         self._tokenizer: Any = None
 
@@ -100,8 +100,7 @@ class Policy(ForgeActor):
                 f"Policy got unknown argument(s) {sorted(unknown)}; it takes engine_config, "
                 "sampling_config and weight_store"
             )
-        if not isinstance(weight_store, WeightStore):
-            WeightStore(weight_store)
+        WeightStore.resolve(weight_store)
         check_engine_available(EngineConfig.parse(engine_config), cls._forge_placement.with_gpus)
         SamplingParams.parse(sampling_config)
 

@@ -111,7 +111,7 @@ class RLTrainer(ForgeActor):
         self.loss_config = _from_mapping(LossConfig, loss, "loss")
         self.schedule = _from_mapping(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
         self.checkpointing = _from_mapping(CheckpointConfig, checkpoint, "checkpoint")
-        self.store = weight_store if isinstance(weight_store, WeightStore) else WeightStore(weight_store)
+        self.store = WeightStore.resolve(weight_store)
         self.state = TrainerState()
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -128,8 +128,7 @@ class RLTrainer(ForgeActor):
         _from_mapping(LossConfig, loss, "loss")
         _from_mapping(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
         _from_mapping(CheckpointConfig, checkpoint, "checkpoint")
-        if not isinstance(weight_store, WeightStore):
-            WeightStore(weight_store)
+        WeightStore.resolve(weight_store)
 
     @endpoint
     async def setup(self) -> None:
@@ -277,18 +276,22 @@ class RLTrainer(ForgeActor):
         return {"model": model, "optimizer": optim, "scheduler": self.scheduler.state_dict(),
                 "step": self.state.step, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
-    def _save_checkpoint(self) -> str | None:
-        folder = self.checkpointing.folder
-        if not folder:
-            raise ValueError("checkpoint.folder is not set; pass checkpoint={'folder': ...} to RLTrainer")
+    def _write_checkpoint(self, path: Path, prune_folder: Path | None = None) -> str:
+        """Every rank gathers (FSDP); rank 0 writes atomically (and prunes old ones)."""
         state = self._checkpoint_state()
-        path = Path(folder) / f"step-{self.state.step:08d}.pt"
         if self.rank == 0:
             save_atomically(state, path)
-            prune_checkpoints(Path(folder), self.checkpointing.keep_last)
+            if prune_folder is not None:
+                prune_checkpoints(prune_folder, self.checkpointing.keep_last)
         if self.world_size > 1:
             torch.distributed.barrier()
         return str(path)
+
+    def _save_checkpoint(self) -> str:
+        folder = self.checkpointing.folder
+        if not folder:
+            raise ValueError("checkpoint.folder is not set; pass checkpoint={'folder': ...} to RLTrainer")
+        return self._write_checkpoint(Path(folder) / f"step-{self.state.step:08d}.pt", Path(folder))
 
     @endpoint
     async def save_checkpoint(self) -> str:
@@ -298,12 +301,7 @@ class RLTrainer(ForgeActor):
     @endpoint
     async def save_checkpoint_to(self, path: str) -> str:
         """Like save_checkpoint, to an explicit file (every rank must call it with FSDP)."""
-        state = self._checkpoint_state()
-        if self.rank == 0:
-            save_atomically(state, Path(path))
-        if self.world_size > 1:
-            torch.distributed.barrier()
-        return path
+        return self._write_checkpoint(Path(path))
 
     @endpoint
     async def load_checkpoint(self, path: str | None = None) -> int:

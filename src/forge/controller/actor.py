@@ -153,7 +153,8 @@ class ForgeActor(Actor):
         )
 
     @classmethod
-    def _check_endpoint_names(cls) -> None:
+    def _before_spawn(cls, args: tuple, kwargs: dict) -> None:
+        """Checks that must pass before any process is spawned, then the runtime setup."""
         from monarch._src.actor.actor_mesh import ActorMesh
 
         base = cls._forge_base or cls
@@ -162,6 +163,8 @@ class ForgeActor(Actor):
             raise ValueError(
                 f"{base.__name__} has endpoint(s) {clashes} whose names Monarch's ActorMesh uses itself; rename them"
             )
+        base.validate_arguments(*args, **kwargs)
+        ensure_runtime()
 
     @classmethod
     def validate_arguments(cls, *args: Any, **kwargs: Any) -> None:
@@ -192,9 +195,7 @@ class ForgeActor(Actor):
                 f"{base.__name__}.as_actor() spawns one actor mesh, but num_replicas="
                 f"{placement.num_replicas}; use as_service() for replicas"
             )
-        cls._check_endpoint_names()
-        base.validate_arguments(*args, **kwargs)
-        ensure_runtime()
+        cls._before_spawn(args, kwargs)
         name = f"{base.__name__}_{next(_actor_counter)}"
         gpus = gpu_allocator.allocate(placement.procs, f"{base.__name__}.as_actor()") if placement.with_gpus else None
         proc_mesh = None
@@ -233,9 +234,7 @@ class ForgeActor(Actor):
                 f"{base.__name__} has endpoint(s) {clashes} whose names a service handle uses "
                 f"itself ({sorted(_RESERVED_SERVICE_NAMES)}); rename them"
             )
-        cls._check_endpoint_names()
-        base.validate_arguments(*args, **kwargs)
-        ensure_runtime()
+        cls._before_spawn(args, kwargs)
         name = f"{base.__name__}_{next(_actor_counter)}"
         gpus = None
         if placement.with_gpus:

@@ -201,18 +201,18 @@ class WeightStore:
 
     # ---- the cross-host path -------------------------------------------------------
 
-    def read_bytes(self, version: int, offset: int, length: int) -> bytes:
-        """``length`` bytes of this process's published ``version`` file from ``offset``."""
+    def _published_segment(self, version: int) -> _Segment:
         for segment in self._published:
             if segment.path.name.startswith(f"{PREFIX}.{self.name}.v{version}."):
-                return bytes(segment.buffer[offset : offset + length])
+                return segment
         raise ValueError(f"weights version {version} of store {self.name!r} is not published by this process")
 
+    def read_bytes(self, version: int, offset: int, length: int) -> bytes:
+        """``length`` bytes of this process's published ``version`` file from ``offset``."""
+        return bytes(self._published_segment(version).buffer[offset : offset + length])
+
     def published_size(self, version: int) -> int:
-        for segment in self._published:
-            if segment.path.name.startswith(f"{PREFIX}.{self.name}.v{version}."):
-                return segment.size
-        raise ValueError(f"weights version {version} of store {self.name!r} is not published by this process")
+        return self._published_segment(version).size
 
     async def fetch(self, version: int, source: Any, chunk_bytes: int = 64 << 20, in_flight: int = 4) -> Path:
         """Copy ``version`` from a publisher on another host into this host's store.
@@ -265,10 +265,7 @@ class WeightStore:
         path = self.find(version)
         while path is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"weights version {version} of store {self.name!r} did not appear in {self.directory} "
-                    f"within {timeout_s} s; did the trainer publish it (push_weights) with the same store name?"
-                )
+                raise self._not_published(version, timeout_s)
             time.sleep(0.01)
             path = self.find(version)
         try:
@@ -340,11 +337,14 @@ class WeightStore:
         deadline = time.monotonic() + timeout_s
         while self.find(version) is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"weights version {version} of store {self.name!r} did not appear in {self.directory} "
-                    f"within {timeout_s} s; did the trainer publish it (push_weights) with the same store name?"
-                )
+                raise self._not_published(version, timeout_s)
             await asyncio.sleep(0.01)
+
+    def _not_published(self, version: int, timeout_s: float) -> TimeoutError:
+        return TimeoutError(
+            f"weights version {version} of store {self.name!r} did not appear in {self.directory} "
+            f"within {timeout_s} s; did the trainer publish it (push_weights) with the same store name?"
+        )
 
     def read(self, version: int, timeout_s: float = 60.0) -> dict[str, torch.Tensor]:
         """A private copy of ``version`` (for callers that keep the tensors)."""
@@ -353,3 +353,8 @@ class WeightStore:
 
     def __reduce__(self) -> Any:
         return (WeightStore, (self.name, self.directory, self.keep))
+
+    @classmethod
+    def resolve(cls, spec: "WeightStore | str | None") -> "WeightStore":
+        """An actor's ``weight_store=`` argument: a store, a store name, or None (the default)."""
+        return spec if isinstance(spec, WeightStore) else cls(spec)

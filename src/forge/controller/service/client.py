@@ -197,7 +197,7 @@ class ServiceClient:
         if self._slots.get(slot.ref.replica_id) is slot:
             del self._slots[slot.ref.replica_id]
             self._retired[slot.ref.replica_id] = slot
-            self._healthy_loads = [l for l in self._healthy_loads if l is not slot.load]
+            self._refresh_loads()
         if not slot.is_gone:
             slot.leave()
             self._spawn(self._report(slot.ref, reason))
@@ -385,17 +385,10 @@ class ServiceClient:
             await self._pick(None)
         slots = sorted(self._slots.values(), key=lambda s: s.ref.replica_id)
         results = await asyncio.gather(
-            *(self._call(s, method, args, kwargs, self._options.all_ranks) for s in slots),
-            return_exceptions=True,
+            *(self._call_or_fail(s, method, args, kwargs, "fanout") for s in slots), return_exceptions=True
         )
         out = []
         for slot, result in zip(slots, results):
-            if isinstance(result, _ReplicaGone):
-                result = ReplicaFailed(
-                    f"service {self.name!r}: replica {slot.ref.replica_id} failed during "
-                    f"{method}.fanout(): {result.reason}",
-                    slot.ref.replica_id,
-                )
             if isinstance(result, BaseException):
                 if isinstance(result, asyncio.CancelledError) or not self._options.fanout_partial:
                     raise result
@@ -418,26 +411,28 @@ class ServiceClient:
             if slot is None or slot.is_gone:
                 continue
             if len(self._slots) == 1:  # a single replica: nothing else can serve meanwhile
-                results.append(await self._call_or_fail(slot, method, args, kwargs))
+                results.append(await self._call_or_fail(slot, method, args, kwargs, "rolling"))
                 continue
             self._excluded.add(replica_id)
             self._refresh_loads()
             try:
                 while slot.load.in_flight or slot.load.queued:
                     await asyncio.sleep(0.005)
-                results.append(await self._call_or_fail(slot, method, args, kwargs))
+                results.append(await self._call_or_fail(slot, method, args, kwargs, "rolling"))
             finally:
                 self._excluded.discard(replica_id)
                 self._refresh_loads()
                 self._notify()
         return results
 
-    async def _call_or_fail(self, slot: _Slot, method: str, args: tuple, kwargs: dict) -> Any:
+    async def _call_or_fail(self, slot: _Slot, method: str, args: tuple, kwargs: dict, adverb: str) -> Any:
+        """A call to one given replica (fanout, rolling): its death is a ReplicaFailed, not a resend."""
         try:
             return await self._call(slot, method, args, kwargs, self._options.all_ranks)
         except _ReplicaGone as gone:
             raise ReplicaFailed(
-                f"service {self.name!r}: replica {slot.ref.replica_id} failed during {method}: {gone.reason}",
+                f"service {self.name!r}: replica {slot.ref.replica_id} failed during "
+                f"{method}.{adverb}(): {gone.reason}",
                 slot.ref.replica_id,
             ) from None
 

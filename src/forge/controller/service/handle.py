@@ -14,6 +14,7 @@ import statistics as stats_lib
 import weakref
 from typing import Any
 
+from forge.controller.actor import _DRAIN
 from forge.controller.errors import ForgeUsageError
 from forge.controller.options import PlacementOptions, ServiceOptions
 from forge.controller.service.client import ServiceClient, _await_monarch
@@ -121,7 +122,7 @@ class ServiceHandle:
         self._endpoints: dict[str, ServiceEndpoint] = {}
 
     def __getattr__(self, name: str) -> ServiceEndpoint:
-        if name == "_forge_drain_metrics":  # built into every Forge actor
+        if name == _DRAIN:  # built into every Forge actor
             return ServiceEndpoint(self, name)
         if name.startswith("_"):
             raise AttributeError(name)
