@@ -1,6 +1,6 @@
-"""Forge's controller layer: ``ForgeActor`` (actors and services), routers and errors."""
+"""Forge's controller layer: ``ForgeActor`` (actors and services), host pools, routers and errors."""
 
-from forge.controller.actor import ForgeActor
+from forge.controller.actor import ForgeActor, actor_alive
 from forge.controller.errors import (
     EndpointError,
     ForgeError,
@@ -8,6 +8,7 @@ from forge.controller.errors import (
     ReplicaFailed,
     ServiceUnavailable,
 )
+from forge.controller.hosts import HostPool, HostsConfig, current_pool, init_hosts, shutdown_hosts
 from forge.controller.service.routers import (
     LeastLoadedRouter,
     ReplicaLoad,
@@ -18,6 +19,12 @@ from forge.controller.service.routers import (
 
 __all__ = [
     "ForgeActor",
+    "actor_alive",
+    "HostsConfig",
+    "HostPool",
+    "init_hosts",
+    "shutdown_hosts",
+    "current_pool",
     "EndpointError",
     "ForgeError",
     "ForgeUsageError",

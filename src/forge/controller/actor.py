@@ -24,12 +24,14 @@ import itertools
 import logging
 import os
 import uuid
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from monarch._src.actor.endpoint import EndpointProperty
 from monarch.actor import Actor, endpoint, this_host, this_proc
 
 from forge.controller.errors import ForgeUsageError, ReplicaFailed
+from forge.controller.hosts import pid_alive, place, release_placement, spawn_placed, supervision_env
 from forge.controller.options import PlacementOptions, ServiceOptions, parse_options
 from forge.controller.provisioner import (
     CONTROLLER_ENV,
@@ -126,6 +128,7 @@ class ForgeActor(Actor):
         num_replicas: int = 1,
         with_gpus: bool = False,
         hosts: int | None = None,
+        host_group: str | None = None,
         **service_options: Any,
     ) -> "type[ForgeActor]":
         """A copy of this class configured with placement and service options.
@@ -136,7 +139,8 @@ class ForgeActor(Actor):
         placement, options = parse_options(
             PlacementOptions(),
             ServiceOptions(),
-            dict(procs=procs, num_replicas=num_replicas, with_gpus=with_gpus, hosts=hosts, **service_options),
+            dict(procs=procs, num_replicas=num_replicas, with_gpus=with_gpus, hosts=hosts, host_group=host_group,
+                 **service_options),
         )
         base = cls._forge_base or cls
         return type(
@@ -165,6 +169,25 @@ class ForgeActor(Actor):
             )
         base.validate_arguments(*args, **kwargs)
         ensure_runtime()
+
+    @classmethod
+    def _host_request(cls, what: str) -> Any:
+        """Where on the host pool this class's replicas go, or None for this host."""
+        from forge.controller.hosts import current_pool
+
+        p = cls._forge_placement
+        if p.host_group is None and p.hosts is None:
+            return None
+        pool = current_pool()
+        if pool is None:
+            if p.host_group is None and p.hosts == 1:
+                return None  # one host, and this is the only one there is
+            raise ValueError(
+                f"{what}: hosts={p.hosts}, host_group={p.host_group!r} needs a host pool: call "
+                "`await forge.controller.init_hosts(...)` first, or leave hosts and host_group unset "
+                "to run on this host"
+            )
+        return pool.request(p.host_group, p.hosts, p.procs, p.with_gpus, what)
 
     @classmethod
     def validate_arguments(cls, *args: Any, **kwargs: Any) -> None:
@@ -196,25 +219,31 @@ class ForgeActor(Actor):
                 f"{placement.num_replicas}; use as_service() for replicas"
             )
         cls._before_spawn(args, kwargs)
+        what = f"{base.__name__}.as_actor()"
+        request = cls._host_request(what)
         name = f"{base.__name__}_{next(_actor_counter)}"
-        gpus = gpu_allocator.allocate(placement.procs, f"{base.__name__}.as_actor()") if placement.with_gpus else None
-        proc_mesh = None
+        res = _ActorResources(request=request)
         try:
-            proc_mesh = spawn_proc_mesh(this_host(), placement.procs, rank_env(placement.procs, gpus), name=name)
-            actors = proc_mesh.spawn(name, base, *args, **kwargs)
+            if request is not None:
+                res.placement = await place(request, what)
+                res.proc_mesh = spawn_placed(request, res.placement, name)
+            else:
+                res.gpus = gpu_allocator.allocate(placement.procs, what) if placement.with_gpus else None
+                res.proc_mesh = spawn_proc_mesh(
+                    this_host(), placement.procs, rank_env(placement.procs, res.gpus), name=name
+                )
+            actors = res.proc_mesh.spawn(name, base, *args, **kwargs)
             try:
-                await actors._forge_ping.call()
+                res.pids = tuple(pid for _, pid in (await actors._forge_ping.call()).items())
             except Exception as e:
                 raise ReplicaFailed(f"{base.__name__} failed to start: {e}") from None
             if "setup" in _endpoints_of(base):
                 await actors.setup.call()
         except BaseException:
-            if proc_mesh is not None:
-                await _stop_quietly(proc_mesh)
-            if gpus:
-                gpu_allocator.release(gpus)
+            await res.release()
             raise
-        _actor_resources[id(actors)] = (actors, proc_mesh, gpus)  # holding actors keeps the id unique
+        res.actors = actors  # holding actors keeps the id unique
+        _actor_resources[id(actors)] = res
         return actors
 
     # ---- a service -------------------------------------------------------------
@@ -235,9 +264,10 @@ class ForgeActor(Actor):
                 f"itself ({sorted(_RESERVED_SERVICE_NAMES)}); rename them"
             )
         cls._before_spawn(args, kwargs)
+        request = cls._host_request(f"{base.__name__}.as_service()")
         name = f"{base.__name__}_{next(_actor_counter)}"
         gpus = None
-        if placement.with_gpus:
+        if placement.with_gpus and request is None:
             flat = gpu_allocator.allocate(
                 placement.procs * placement.num_replicas, f"{base.__name__}.as_service()"
             )
@@ -254,10 +284,12 @@ class ForgeActor(Actor):
             options=options,
             gpus_per_replica=gpus,
             has_setup="setup" in endpoints,
+            hosts=request,
         )
         owner = _ServiceOwner(gpus)
         try:
-            owner.proc_mesh = spawn_proc_mesh(this_host(), 1, [dict(CONTROLLER_ENV)], name=f"{name}_controller")
+            env = {**CONTROLLER_ENV, **(supervision_env(request.failure_timeout_s) if request else {})}
+            owner.proc_mesh = spawn_proc_mesh(this_host(), 1, [env], name=f"{name}_controller")
             controller = owner.proc_mesh.spawn(f"{name}_controller", ServiceController, spec)
             membership = await controller.start.choose()
         except BaseException as e:
@@ -283,16 +315,56 @@ class ForgeActor(Actor):
                 f"{cls.__name__}.shutdown() got {actor!r}, which is not an actor this process "
                 "spawned with as_actor() (or it was shut down already)"
             )
-        _, proc_mesh, gpus = resources
+        await resources.release(graceful=True)
+
+
+async def actor_alive(actor: Any) -> bool:
+    """Whether every process of an actor from ``as_actor`` is still running (on any host).
+
+    Unlike a call, this does not wait behind the actor's current message, so a watchdog
+    can tell a busy actor from a dead one.
+    """
+    resources = _actor_resources.get(id(actor))
+    if resources is None:
+        raise ForgeUsageError(f"actor_alive() got {actor!r}, which is not a running actor from as_actor()")
+    if resources.placement is not None:
         try:
-            await proc_mesh.stop()
+            return await resources.request.registry.alive.call_one(resources.placement, list(resources.pids))
+        except Exception:  # the registry is gone: the pool is shutting down
+            return False
+    return all(pid_alive(p) for p in resources.pids)
+
+
+@dataclass
+class _ActorResources:
+    """What ``as_actor`` spawned for one actor: its processes, and their GPUs or host placement."""
+
+    actors: Any = None
+    proc_mesh: Any = None
+    gpus: list[str] | None = None
+    pids: tuple[int, ...] = ()
+    request: Any = None  # HostRequest when the actor is on the host pool
+    placement: Any = None
+
+    async def release(self, graceful: bool = False) -> None:
+        stopped = False
+        try:
+            if self.proc_mesh is not None:
+                if graceful:
+                    await self.proc_mesh.stop()
+                else:
+                    await _stop_quietly(self.proc_mesh)
+            stopped = True
         finally:
-            if gpus:
-                gpu_allocator.release(gpus)
+            if self.placement is not None:
+                await release_placement(self.request, self.placement, () if stopped else self.pids)
+            if self.gpus:
+                gpu_allocator.release(self.gpus)
+            self.proc_mesh = self.placement = self.gpus = None
 
 
-# id(ActorMesh) -> (ActorMesh, ProcMesh, GPUs) of actors spawned by as_actor in this process.
-_actor_resources: dict[int, tuple[Any, Any, list[str] | None]] = {}
+# id(ActorMesh) -> what as_actor spawned for it, for actors alive in this process.
+_actor_resources: dict[int, _ActorResources] = {}
 
 
 class _ServiceOwner:

@@ -1,6 +1,6 @@
 """Typed options of ``ForgeActor.options(...)``, validated before anything is spawned.
 
-``procs``, ``num_replicas``, ``with_gpus`` and ``hosts`` say where an actor runs
+``procs``, ``num_replicas``, ``with_gpus``, ``hosts`` and ``host_group`` say where an actor runs
 (``PlacementOptions``); every other keyword configures the service layer
 (``ServiceOptions``). A wrong name, type or value raises ``ValueError`` naming the
 option and what would be valid.
@@ -22,7 +22,8 @@ class PlacementOptions:
     procs: int = 1  # processes per replica (per host when hosts > 1)
     num_replicas: int = 1  # replicas of a service; must be 1 for as_actor
     with_gpus: bool = False  # one CUDA device per process via CUDA_VISIBLE_DEVICES
-    hosts: int | None = None  # hosts per replica; None or 1 means this host
+    hosts: int | None = None  # hosts per replica (needs a host pool, except 1 = this host without one)
+    host_group: str | None = None  # which group of the host pool (forge.controller.init_hosts)
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,8 @@ def _validate_placement(p: PlacementOptions) -> None:
     _check_bool("with_gpus", p.with_gpus)
     if p.hosts is not None:
         _check_int("hosts", p.hosts, 1)
-        if p.hosts > 1:
-            raise ValueError(
-                f"option 'hosts'={p.hosts}: placing one replica on several hosts is not "
-                "supported yet; use hosts=None (this host)"
-            )
+    if p.host_group is not None and (not isinstance(p.host_group, str) or not p.host_group):
+        raise ValueError(f"option 'host_group' must be the name of a host group (a str), got {p.host_group!r}")
 
 
 def _validate_service(s: ServiceOptions) -> ServiceOptions:

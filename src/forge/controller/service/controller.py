@@ -26,6 +26,7 @@ from typing import Any
 from monarch.actor import Actor, endpoint, this_host
 
 from forge.controller.errors import ReplicaFailed
+from forge.controller.hosts import HostRequest, Placement, place, release_placement, spawn_placed
 from forge.controller.options import PlacementOptions, ServiceOptions
 from forge.controller.provisioner import rank_env, spawn_proc_mesh
 from forge.controller.service.types import Membership, ReplicaHealth, ReplicaRef, ReplicaState
@@ -47,6 +48,7 @@ class ServiceSpec:
     options: ServiceOptions
     gpus_per_replica: tuple[tuple[str, ...], ...] | None
     has_setup: bool
+    hosts: HostRequest | None = None  # replicas go on the host pool, not the controller's host
 
 
 @dataclass
@@ -57,6 +59,7 @@ class _Replica:
     proc_mesh: Any = None
     actors: Any = None
     pids: tuple[int, ...] = ()
+    placement: Placement | None = None
     restart_times: list[float] = field(default_factory=list)
     num_restarts: int = 0
     last_failure: str | None = None
@@ -123,7 +126,8 @@ class ServiceController(Actor):
     async def health(self) -> list[ReplicaHealth]:
         return [
             ReplicaHealth(
-                r.replica_id, r.state, r.generation, r.num_restarts, r.last_failure, r.pids
+                r.replica_id, r.state, r.generation, r.num_restarts, r.last_failure, r.pids,
+                r.placement.host_keys if r.placement is not None else (),
             )
             for r in self._replicas
         ]
@@ -156,10 +160,15 @@ class ServiceController(Actor):
     async def _spawn(self, replica: _Replica) -> None:
         spec = self._spec
         num_procs = spec.placement.procs
-        gpus = list(spec.gpus_per_replica[replica.replica_id]) if spec.gpus_per_replica else None
-        envs = rank_env(num_procs, gpus, {"FORGE_REPLICA_ID": str(replica.replica_id)})
+        tag = {"FORGE_REPLICA_ID": str(replica.replica_id)}
         prefix = replica.mesh_prefix(spec.name)
-        replica.proc_mesh = spawn_proc_mesh(this_host(), num_procs, envs, name=f"{prefix}_procs")
+        if spec.hosts is not None:
+            replica.placement = await place(spec.hosts, f"service {spec.name!r} replica {replica.replica_id}")
+            replica.proc_mesh = spawn_placed(spec.hosts, replica.placement, f"{prefix}_procs", tag)
+        else:
+            gpus = list(spec.gpus_per_replica[replica.replica_id]) if spec.gpus_per_replica else None
+            envs = rank_env(num_procs, gpus, tag)
+            replica.proc_mesh = spawn_proc_mesh(this_host(), num_procs, envs, name=f"{prefix}_procs")
         replica.actors = replica.proc_mesh.spawn(prefix, spec.actor_class, *spec.args, **spec.kwargs)
 
         async def start_replica() -> None:
@@ -213,18 +222,34 @@ class ServiceController(Actor):
 
     async def _stop_replica(self, replica: _Replica) -> None:
         """Stop a replica's processes; kill them outright if Monarch cannot stop them in time."""
-        mesh, pids = replica.proc_mesh, replica.pids
-        replica.proc_mesh, replica.actors, replica.pids = None, None, ()
-        if mesh is None:
+        mesh, pids, placement = replica.proc_mesh, replica.pids, replica.placement
+        replica.proc_mesh, replica.actors, replica.pids, replica.placement = None, None, (), None
+        if placement is not None and not await self._hosts_alive(placement):
+            # Its host is gone and its processes with it: rebuild now, let Monarch's stop finish later.
+            if mesh is not None:
+                self._own(asyncio.ensure_future(_stop_quietly(mesh)))
+            await release_placement(self._spec.hosts, placement)
             return
+        stopped = False
         try:
-            await asyncio.wait_for(mesh.stop(), _STOP_TIMEOUT_S)
+            if mesh is not None:
+                await asyncio.wait_for(mesh.stop(), _STOP_TIMEOUT_S)
+            stopped = True
         except Exception as e:  # a broken or hung mesh: make sure its processes are gone
             logger.info("service %s: stopping replica %d: %s; killing its processes", self._spec.name, replica.replica_id, e)
         finally:  # also when this task is cancelled (shutdown): never leave a hung replica running
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            if placement is not None:
+                await release_placement(self._spec.hosts, placement, () if stopped else pids)
+            else:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+
+    async def _hosts_alive(self, placement: Placement) -> bool:
+        try:
+            return await asyncio.wait_for(self._spec.hosts.registry.check.call_one(placement.placement_id), 10)
+        except Exception:  # the registry is gone: the pool is shutting down
+            return False
 
     async def _stop_all(self) -> None:
         await asyncio.gather(*(self._stop_replica(r) for r in self._replicas), return_exceptions=True)
@@ -271,3 +296,8 @@ class ServiceController(Actor):
     def _own(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+async def _stop_quietly(mesh: Any) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(mesh.stop(), _STOP_TIMEOUT_S)

@@ -191,6 +191,7 @@ class ServiceHandle:
                     latency_p50_ms=1e3 * stats_lib.median(latencies) if latencies else None,
                     latency_p99_ms=1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
                     if latencies else None,
+                    hosts=h.hosts,
                 )
             )
         return ServiceStats(self._name, tuple(rows))

@@ -45,6 +45,7 @@ class ReplicaHealth:
     num_restarts: int
     last_failure: str | None
     pids: tuple[int, ...]
+    hosts: tuple[str, ...] = ()  # host-pool hosts it runs on ("<group>-<index>"); () = the controller's host
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ReplicaStats:
     failed: int
     latency_p50_ms: float | None
     latency_p99_ms: float | None
+    hosts: tuple[str, ...] = ()  # host-pool hosts it runs on; () = this host
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,14 @@ class ServiceStats:
 
     def table(self) -> str:
         """A plain-text table, one line per replica."""
-        header = f"{'replica':>7} {'state':<12} {'gen':>3} {'restarts':>8} {'in_flight':>9} {'queued':>6} {'done':>7} {'failed':>6} {'p50 ms':>7} {'p99 ms':>7}"
+        header = f"{'replica':>7} {'state':<12} {'gen':>3} {'restarts':>8} {'in_flight':>9} {'queued':>6} {'done':>7} {'failed':>6} {'p50 ms':>7} {'p99 ms':>7} hosts"
         rows = [header]
         for r in self.replicas:
             p50 = f"{r.latency_p50_ms:.2f}" if r.latency_p50_ms is not None else "-"
             p99 = f"{r.latency_p99_ms:.2f}" if r.latency_p99_ms is not None else "-"
             rows.append(
                 f"{r.replica_id:>7} {r.state:<12} {r.generation:>3} {r.num_restarts:>8} {r.in_flight:>9} "
-                f"{r.queued:>6} {r.completed:>7} {r.failed:>6} {p50:>7} {p99:>7}"
+                f"{r.queued:>6} {r.completed:>7} {r.failed:>6} {p50:>7} {p99:>7} {','.join(r.hosts) or 'local'}"
             )
         return "\n".join(rows)
 
