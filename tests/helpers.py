@@ -92,3 +92,18 @@ async def async_wait_until(condition, timeout_s: float, interval_s: float = 0.05
         if value or time.monotonic() > deadline:
             return bool(value)
         await asyncio.sleep(interval_s)
+
+
+def procs_with_env(key: str, value: str) -> list[int]:
+    """Live processes of any kind (Monarch procs, host workers, clients) whose environment has ``key=value``."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if needle in env and _is_alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found

@@ -104,6 +104,10 @@ class RewardConfig:
             raise ValueError("reward.weights must have one weight per reward function")
 
 
+# The parts of the GRPO app, as ``placement:`` names them.
+PARTS = ("dataloader", "policy", "trainer", "replay_buffer", "compute_advantages", "ref_model", "reward")
+
+
 @dataclass
 class GRPOConfig:
     model: str = "tiny"  # preset, local HF directory, or hf://org/name in the local cache
@@ -116,6 +120,9 @@ class GRPOConfig:
     replay_buffer: BufferConfig = field(default_factory=BufferConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ref_model_replicas: int = 1
+    # Several hosts (README "Several hosts"): a host pool, and which group each part runs on.
+    hosts: dict[str, Any] | None = None  # forge.controller.HostsConfig, e.g. {source: process_job, groups: {gen: 1}}
+    placement: dict[str, str] = field(default_factory=dict)  # part -> host group, e.g. {policy: gen, trainer: train}
     metrics: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard", "wandb"])
 
     def __post_init__(self) -> None:
@@ -125,9 +132,25 @@ class GRPOConfig:
             raise ValueError(
                 f"replay_buffer.batch_size={self.replay_buffer.batch_size} must be divisible by trainer.procs="
                 f"{self.trainer.procs} (each data-parallel rank trains on an equal share)")
+        self._validate_placement()
         unknown = sorted(set(self.metrics) - {"console", "jsonl", "tensorboard", "wandb"})
         if unknown:
             raise ValueError(f"metrics: unknown backend(s) {unknown}; use console, jsonl, tensorboard, wandb")
+
+    def _validate_placement(self) -> None:
+        from forge.controller import HostsConfig
+
+        unknown = sorted(set(self.placement) - set(PARTS))
+        if unknown:
+            raise ValueError(f"placement: unknown part(s) {unknown}; parts are {list(PARTS)}")
+        if self.hosts is None:
+            if self.placement:
+                raise ValueError("placement names host groups, but there is no hosts: section to define them")
+            return
+        groups = HostsConfig.parse(self.hosts).groups  # raises ValueError naming the bad field
+        for part, group in self.placement.items():
+            if group not in groups:
+                raise ValueError(f"placement.{part}: {group!r} is not a group of hosts.groups {sorted(groups)}")
 
     def engine_config(self) -> dict[str, Any]:
         return {"model": self.model, **self.policy.engine}

@@ -54,6 +54,7 @@ from apps.grpo.actors import (  # noqa: F401  (the seeds import these from apps.
 )
 from apps.grpo.config import GRPOConfig
 from forge.actors.policy import Policy
+from forge.controller import actor_alive, init_hosts
 from forge.actors.reference_model import ReferenceModel
 from forge.actors.replay_buffer import ReplayBuffer
 from forge.actors.trainer import RLTrainer, save_atomically
@@ -92,27 +93,31 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
     """Spawn everything concurrently (each in its own processes)."""
     data = cfg.data
     reward_fns = [REWARD_FUNCTIONS[name]() for name in cfg.reward.functions]
+
+    def on(part: str) -> dict[str, Any]:  # the host group of a part, if placement: names one
+        return {"host_group": cfg.placement[part]} if part in cfg.placement else {}
+
     dataloader, policy, trainer, buffer, advantages, ref_model, reward = await asyncio.gather(
-        DatasetActor.options(procs=1).as_actor(
+        DatasetActor.options(procs=1, **on("dataloader")).as_actor(
             path=data.source, data_split=data.split, model=cfg.model, question_field=data.question_field,
             answer_field=data.answer_field, seed=cfg.run.seed, use_chat_template=data.use_chat_template,
             system_prompt=data.system_prompt, max_operand=data.max_operand, max_sum=data.max_sum,
             eval_split=data.eval_split),
         Policy.options(procs=cfg.policy.procs, with_gpus=cfg.policy.with_gpus,
-                       num_replicas=cfg.policy.num_replicas).as_service(
+                       num_replicas=cfg.policy.num_replicas, **on("policy")).as_service(
             engine_config=cfg.engine_config(), sampling_config=cfg.sampling_config(), weight_store=store),
-        RLTrainer.options(procs=cfg.trainer.procs, with_gpus=cfg.trainer.with_gpus).as_actor(
+        RLTrainer.options(procs=cfg.trainer.procs, with_gpus=cfg.trainer.with_gpus, **on("trainer")).as_actor(
             model=cfg.model_spec(), optimizer=cfg.trainer.optimizer, training=cfg.trainer.training,
             loss=cfg.trainer.loss, lr_scheduler=cfg.trainer.lr_scheduler, weight_store=store,
             checkpoint={"folder": None}),
-        ReplayBuffer.options(procs=1).as_actor(
+        ReplayBuffer.options(procs=1, **on("replay_buffer")).as_actor(
             batch_size=cfg.replay_buffer.batch_size, max_policy_age=cfg.replay_buffer.max_policy_age,
             dp_size=cfg.trainer.procs, max_buffer_size=cfg.replay_buffer.max_buffer_size,
             max_resample=cfg.replay_buffer.max_resample, seed=cfg.run.seed),
-        ComputeAdvantages.options(procs=1).as_actor(scale_by_std=cfg.scale_advantages_by_std),
+        ComputeAdvantages.options(procs=1, **on("compute_advantages")).as_actor(scale_by_std=cfg.scale_advantages_by_std),
         ReferenceModel.options(procs=1, num_replicas=cfg.ref_model_replicas,
-                               with_gpus=cfg.trainer.with_gpus).as_service(model=cfg.model_spec()),
-        RewardActor.options(procs=1, num_replicas=cfg.reward.num_replicas).as_service(
+                               with_gpus=cfg.trainer.with_gpus, **on("ref_model")).as_service(model=cfg.model_spec()),
+        RewardActor.options(procs=1, num_replicas=cfg.reward.num_replicas, **on("reward")).as_service(
             reward_functions=reward_fns, weights=cfg.reward.weights),
     )
     return Services(dataloader, policy, trainer, buffer, advantages, ref_model, reward)
@@ -211,9 +216,9 @@ class GRPORun:
             sync_started = time.monotonic()
             await s.trainer.push_weights.call(policy_version=self.version)
             if cfg.run.weight_update == "rolling":
-                await s.policy.update_weights.rolling(policy_version=self.version)
+                await s.policy.update_weights.rolling(policy_version=self.version, source=s.trainer)
             else:
-                await s.policy.update_weights.fanout(policy_version=self.version)
+                await s.policy.update_weights.fanout(policy_version=self.version, source=s.trainer)
             self.step += 1
             metrics = await self.collect_metrics()
             metrics.update({"trainer/loss_reported": float(next(iter(losses.values()))),
@@ -306,7 +311,7 @@ class GRPORun:
         await self.s.dataloader.load_state_dict.call_one(state["data"])
         self.step, self.version, self.rewards = state["step"], state["version"], state["rewards"]
         await self.s.trainer.push_weights.call(policy_version=self.version)
-        await self.s.policy.update_weights.fanout(policy_version=self.version)
+        await self.s.policy.update_weights.fanout(policy_version=self.version, source=self.s.trainer)
         truncate_metrics(run_dir / "metrics.jsonl", self.step)
 
     # ---- watchdog ------------------------------------------------------------------
@@ -319,18 +324,10 @@ class GRPORun:
         (self.run_dir / "processes.json").write_text(json.dumps({str(p): n for p, n in pids.items()}, indent=1))
         while True:
             await asyncio.sleep(0.5)
-            for pid, name in pids.items():
-                if not _is_alive(pid):
-                    raise ActorDied(f"the {name} actor died (process {pid}); the run cannot continue without it. "
-                                    f"Resume from the last checkpoint with --resume {self.run_dir}")
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+            for name, actor in self.s.singletons().items():
+                if not await actor_alive(actor):  # does not wait behind a busy actor's message
+                    raise ActorDied(f"the {name} actor died (its process or host is gone); the run cannot continue "
+                                    f"without it. Resume from the last checkpoint with --resume {self.run_dir}")
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -355,9 +352,12 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
     started = time.monotonic()
     store = f"grpo-{os.getpid()}-{int(time.time())}"
     services = None
+    pool = None
     log = None
     tasks: list[asyncio.Task] = []
     try:
+        if cfg.hosts is not None:
+            pool = await init_hosts(cfg.hosts)
         services = await start_services(cfg, store)
         grpo = GRPORun(cfg, run_dir, services)
         from forge.models import load_tokenizer
@@ -368,7 +368,7 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
             await grpo.restore(run_dir)
         else:  # the generators start from exactly the trainer's weights, version 0
             await services.trainer.push_weights.call(policy_version=0)
-            await services.policy.update_weights.fanout(policy_version=0)
+            await services.policy.update_weights.fanout(policy_version=0, source=services.trainer)
         startup_s = time.monotonic() - started
         log = RunLogger(run_dir, cfg.metrics, cfg.run.max_steps, cfg.run.log_every, first_step=grpo.step)
         log.write(f"run directory: {run_dir}  (services up in {startup_s:.1f} s)")
@@ -408,7 +408,11 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
         await asyncio.gather(*tasks, return_exceptions=True)
         if log is not None:
             log.close()
-        await stop_services(services)
+        try:
+            await stop_services(services)
+        finally:
+            if pool is not None:
+                await pool.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from monarch.actor import concurrent_endpoint, endpoint
 
 from forge.controller import ForgeActor
 from forge.engine.config import EngineConfig, SamplingParams
+from forge.observability.metrics import record_metric
 
 
 @dataclass
@@ -171,7 +172,10 @@ class Policy(ForgeActor):
             await self._engine.update_weights(state_dict, int(policy_version))
             return int(policy_version)
         if source is not None and self.store.find(int(policy_version)) is None:
-            await self.store.fetch(int(policy_version), source)
+            started = time.monotonic()
+            path = await self.store.fetch(int(policy_version), source)
+            record_metric("weight_sync/pulled_mb", path.stat().st_size / 1e6, "sum")
+            record_metric("weight_sync/pull_s", time.monotonic() - started, "max")
         await self.store.wait_for(int(policy_version))  # never block this replica's event loop
         with self.store.open(int(policy_version)) as published:
             await self._engine.update_weights(published, int(policy_version))

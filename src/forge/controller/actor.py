@@ -31,7 +31,14 @@ from monarch._src.actor.endpoint import EndpointProperty
 from monarch.actor import Actor, endpoint, this_host, this_proc
 
 from forge.controller.errors import ForgeUsageError, ReplicaFailed
-from forge.controller.hosts import pid_alive, place, release_placement, spawn_placed, supervision_env
+from forge.controller.hosts import (
+    current_pool,
+    pid_alive,
+    place,
+    release_placement,
+    spawn_placed,
+    supervision_env,
+)
 from forge.controller.options import PlacementOptions, ServiceOptions, parse_options
 from forge.controller.provisioner import (
     CONTROLLER_ENV,
@@ -244,6 +251,9 @@ class ForgeActor(Actor):
             raise
         res.actors = actors  # holding actors keeps the id unique
         _actor_resources[id(actors)] = res
+        if request is not None:  # the pool's shutdown stops it first, if the user has not
+            res.pool = current_pool()
+            res.pool.track(res, functools.partial(cls.shutdown, actors))
         return actors
 
     # ---- a service -------------------------------------------------------------
@@ -297,9 +307,13 @@ class ForgeActor(Actor):
             if type(e).__name__ == "ActorError" and getattr(e, "exception", None) is not None:
                 raise e.exception from None
             raise
-        return ServiceHandle(
+        handle = ServiceHandle(
             name, uuid.uuid4().hex, endpoints, placement, options, controller, membership, owner
         )
+        if request is not None:  # the pool's shutdown stops it first, if the user has not
+            owner.pool = current_pool()
+            owner.pool.track(owner, handle.shutdown)
+        return handle
 
     @classmethod
     async def shutdown(cls, actor: Any) -> None:
@@ -345,8 +359,11 @@ class _ActorResources:
     pids: tuple[int, ...] = ()
     request: Any = None  # HostRequest when the actor is on the host pool
     placement: Any = None
+    pool: Any = None
 
     async def release(self, graceful: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.untrack(self)
         stopped = False
         try:
             if self.proc_mesh is not None:
@@ -372,9 +389,12 @@ class _ServiceOwner:
 
     def __init__(self, gpus: Any) -> None:
         self.proc_mesh: Any = None
+        self.pool: Any = None  # the host pool its replicas run on
         self._gpus = [d for replica in gpus for d in replica] if gpus else []
 
     async def stop(self) -> None:
+        if self.pool is not None:
+            self.pool.untrack(self)
         if self.proc_mesh is not None:
             mesh, self.proc_mesh = self.proc_mesh, None
             await _stop_quietly(mesh)

@@ -326,6 +326,7 @@ class HostRegistry(Actor):
         self._ids = itertools.count(1)
         self._heartbeats: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._last_host_death: float | None = None
 
     @endpoint
     async def start(self) -> list[HostInfo]:
@@ -463,6 +464,7 @@ class HostRegistry(Actor):
         if self._heartbeats is not None:
             self._heartbeats.cancel()
             await asyncio.gather(self._heartbeats, return_exceptions=True)
+        await wait_for_returns(self._last_host_death, self._config.failure_timeout_s)
         live = [h for hosts in self._hosts.values() for h in hosts if h.alive]
         await asyncio.gather(
             *(asyncio.wait_for(h.agent.release.call_one(), _CHECK_TIMEOUT_S) for h in live),
@@ -497,6 +499,7 @@ class HostRegistry(Actor):
         except Exception as e:  # silent or its process is gone
             if host.alive:
                 host.alive = False
+                self._last_host_death = time.monotonic()
                 logger.warning("host %s (%s) is dead: %s", host.info.key, host.info.hostname, str(e).splitlines()[0][:200])
             return False
 
@@ -551,6 +554,14 @@ class HostPool:
         self._registry_procs: Any = None
         self.registry: Any = None
         self.hosts: list[HostInfo] = []
+        self._running: dict[int, tuple[Any, Any]] = {}  # services and actors placed on it: id -> (owner, stop)
+
+    def track(self, owner: Any, stop: Any) -> None:
+        """Remember a service or actor on this pool; ``shutdown`` awaits ``stop()`` if it is still running."""
+        self._running[id(owner)] = (owner, stop)
+
+    def untrack(self, owner: Any) -> None:
+        self._running.pop(id(owner), None)
 
     @property
     def groups(self) -> dict[str, list[HostInfo]]:
@@ -601,6 +612,12 @@ class HostPool:
         if _pool is self:
             _pool = None
         try:
+            running = [stop for _, stop in self._running.values()]
+            self._running.clear()
+            results = await asyncio.gather(*(asyncio.wait_for(stop(), 60) for stop in running), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    logger.info("host pool shutdown: stopping a service or actor: %s", result)
             if self.registry is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.registry.release_all.call_one(), 30)
@@ -620,9 +637,34 @@ class HostPool:
         await self.shutdown()
 
 
+def delivery_timeout_s(failure_timeout_s: float) -> int:
+    """Monarch's message delivery timeout for a pool: how long a message to a dead host waits."""
+    return max(5, round(failure_timeout_s))
+
+
+def drain_s(failure_timeout_s: float) -> float:
+    """How long after its last message to a dead host a process must stay up.
+
+    Monarch returns a message it could not deliver to its sender after the delivery
+    timeout; if the sender has stopped by then, the return lands in the client, which
+    Monarch 0.7.0 then crashes. So owners of host-placed processes wait this long after
+    a host death before they stop.
+    """
+    return delivery_timeout_s(failure_timeout_s) + 2.0
+
+
+async def wait_for_returns(last_host_death: float | None, failure_timeout_s: float) -> None:
+    """Stay up until messages sent to a host that died at ``last_host_death`` have come back."""
+    if last_host_death is not None:
+        await asyncio.sleep(max(0.0, last_host_death + drain_s(failure_timeout_s) - time.monotonic()))
+
+
 def supervision_env(failure_timeout_s: float) -> dict[str, str]:
     """Monarch settings under which a silent host is declared failed after ``failure_timeout_s``."""
-    return {"HYPERACTOR_MESH_GET_PROC_STATE_MAX_IDLE": f"{max(1, round(failure_timeout_s))}s"}
+    return {
+        "HYPERACTOR_MESH_GET_PROC_STATE_MAX_IDLE": f"{max(1, round(failure_timeout_s))}s",
+        "HYPERACTOR_MESSAGE_DELIVERY_TIMEOUT": f"{delivery_timeout_s(failure_timeout_s)}s",
+    }
 
 
 _pool: HostPool | None = None
@@ -658,6 +700,10 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
         from monarch.actor import enable_transport
 
         enable_transport(config.transport)
+    import monarch.config
+
+    # A message to a dead host comes back to its sender after this (Monarch's default is 30 s).
+    monarch.config.configure(message_delivery_timeout=f"{delivery_timeout_s(config.failure_timeout_s)}s")
     from forge.controller.provisioner import ensure_runtime
 
     ensure_runtime()

@@ -8,7 +8,10 @@ each generator maps that file and copies the tensors straight into its model.
 * A reader never sees a half-written version: the file is written under a temporary
   name and renamed into place when complete (rename is atomic).
 * Files are created with ``O_EXCL`` and mode ``0600`` (owner only) and carry a unique
-  store name and the owner's pid: ``forge-w.<store>.v<version>.<pid>.bin``.
+  store name and the owner's pid: ``forge-w.<store>.v<version>.<pid>.bin``. On a host
+  of a host pool the store name is ``<store>@<host>`` (``$FORGE_HOST``): each host has its
+  own store even when simulated hosts share one machine, and a generator on another
+  host than the trainer pulls a version across (``fetch``).
 * Segments are reused: the publisher keeps each file mapped and, once a version is
   older than the ``keep`` newest, hides it (renames it to an idle name) and later writes
   a new version into it in place — no page faults, no zeroing of fresh pages, so a push
@@ -131,6 +134,10 @@ class WeightStore:
         if keep < 1:
             raise ValueError(f"weight store keep must be >= 1, got {keep}")
         self.name = name
+        # Stores are per host: on a host-pool host ($FORGE_HOST) the files carry the host's
+        # name, so hosts sharing one machine (simulated hosts) still each have their own.
+        host = os.environ.get("FORGE_HOST")
+        self._key = f"{name}@{host}" if host else name
         self.directory = Path(directory) if directory is not None else default_directory()
         self.keep = keep
         self._published: list[_Segment] = []  # newest last
@@ -145,7 +152,7 @@ class WeightStore:
             if segment.size >= size and segment.try_lock():
                 self._idle.remove(segment)
                 return segment
-        name = f".{PREFIX}.{self.name}.seg{uuid.uuid4().hex[:8]}.{os.getpid()}.bin"
+        name = f".{PREFIX}.{self._key}.seg{uuid.uuid4().hex[:8]}.{os.getpid()}.bin"
         segment = _Segment.create(self.directory / name, size)
         segment.try_lock()
         return segment
@@ -180,7 +187,7 @@ class WeightStore:
         segment = self._segment_for(size)
         try:
             yield segment.buffer
-            segment.rename(self.directory / f"{PREFIX}.{self.name}.v{version}.{os.getpid()}.bin")
+            segment.rename(self.directory / f"{PREFIX}.{self._key}.v{version}.{os.getpid()}.bin")
             segment.unlock()
         except BaseException:
             segment.destroy()
@@ -203,7 +210,7 @@ class WeightStore:
 
     def _published_segment(self, version: int) -> _Segment:
         for segment in self._published:
-            if segment.path.name.startswith(f"{PREFIX}.{self.name}.v{version}."):
+            if segment.path.name.startswith(f"{PREFIX}.{self._key}.v{version}."):
                 return segment
         raise ValueError(f"weights version {version} of store {self.name!r} is not published by this process")
 
@@ -251,11 +258,11 @@ class WeightStore:
         self._published.append(segment)
         while len(self._published) > self.keep:
             old = self._published.pop(0)
-            old.rename(self.directory / f".{PREFIX}.{self.name}.idle{uuid.uuid4().hex[:8]}.{os.getpid()}.bin")
+            old.rename(self.directory / f".{PREFIX}.{self._key}.idle{uuid.uuid4().hex[:8]}.{os.getpid()}.bin")
             self._idle.append(old)
 
     def find(self, version: int) -> Path | None:
-        matches = sorted(self.directory.glob(f"{PREFIX}.{self.name}.v{version}.*.bin"))
+        matches = sorted(self.directory.glob(f"{PREFIX}.{self._key}.v{version}.*.bin"))
         return matches[-1] if matches else None
 
     @contextlib.contextmanager

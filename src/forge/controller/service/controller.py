@@ -26,7 +26,14 @@ from typing import Any
 from monarch.actor import Actor, endpoint, this_host
 
 from forge.controller.errors import ReplicaFailed
-from forge.controller.hosts import HostRequest, Placement, place, release_placement, spawn_placed
+from forge.controller.hosts import (
+    HostRequest,
+    Placement,
+    place,
+    release_placement,
+    spawn_placed,
+    wait_for_returns,
+)
 from forge.controller.options import PlacementOptions, ServiceOptions
 from forge.controller.provisioner import rank_env, spawn_proc_mesh
 from forge.controller.service.types import Membership, ReplicaHealth, ReplicaRef, ReplicaState
@@ -87,6 +94,7 @@ class ServiceController(Actor):
         self._epoch = 0
         self._tasks: set[asyncio.Task] = set()
         self._is_shut_down = False
+        self._last_host_death: float | None = None
 
     # ---- endpoints -------------------------------------------------------------
 
@@ -139,6 +147,8 @@ class ServiceController(Actor):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stop_all()
+        if self._spec.hosts is not None:
+            await wait_for_returns(self._last_host_death, self._spec.hosts.failure_timeout_s)
         self._bump()
 
     def _handle_undeliverable_message(self, message: Any) -> bool:
@@ -226,6 +236,7 @@ class ServiceController(Actor):
         replica.proc_mesh, replica.actors, replica.pids, replica.placement = None, None, (), None
         if placement is not None and not await self._hosts_alive(placement):
             # Its host is gone and its processes with it: rebuild now, let Monarch's stop finish later.
+            self._last_host_death = time.monotonic()
             if mesh is not None:
                 self._own(asyncio.ensure_future(_stop_quietly(mesh)))
             await release_placement(self._spec.hosts, placement)
