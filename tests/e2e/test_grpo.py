@@ -14,7 +14,7 @@ import pytest
 from apps.grpo.config import GRPOConfig
 from apps.grpo.main import DEFAULT_CONFIG, run
 from forge.util.config import load_config
-from tests.helpers import monarch_procs_with_env, wait_until
+from tests.helpers import monarch_procs_with_env, procs_with_env, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["group_size=4", "replay_buffer.batch_size=16", "trainer.training.local_batch_size=16",
@@ -83,11 +83,16 @@ def test_a_killed_run_resumes_to_the_same_step_count_without_lost_or_duplicated_
     assert len(ids) == 8 * 16 and len(set(ids)) == len(ids)
 
 
+ON_HOSTS = ["hosts={source: process_job, groups: {gen: 1, train: 1}}",
+            "placement={policy: gen, trainer: train, ref_model: train}"]
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("fault", ["ctrl_c", "trainer_dies"])
-def test_ctrl_c_and_a_dead_trainer_end_the_run_quickly_and_cleanly(tmp_path, fault):
+@pytest.mark.parametrize("fault,hosts", [("ctrl_c", False), ("trainer_dies", False),
+                                         ("ctrl_c", True), ("trainer_dies", True)])
+def test_ctrl_c_and_a_dead_trainer_end_the_run_quickly_and_cleanly(tmp_path, fault, hosts):
     tag = uuid.uuid4().hex
-    app = start_app(tmp_path, tag, *QUICK, "run.max_steps=1000", f"run.output_dir={tmp_path}")
+    app = start_app(tmp_path, tag, *QUICK, "run.max_steps=1000", f"run.output_dir={tmp_path}", *(ON_HOSTS if hosts else []))
     try:
         assert wait_until(lambda: only_run_dir(tmp_path) is not None and logged_steps(only_run_dir(tmp_path)), 240, 0.2)
         run_dir = only_run_dir(tmp_path)
@@ -104,12 +109,28 @@ def test_ctrl_c_and_a_dead_trainer_end_the_run_quickly_and_cleanly(tmp_path, fau
             assert app.returncode == 130 and "--resume" in err
         else:
             assert app.returncode == 1 and "trainer" in err and "died" in err
-        assert wait_until(lambda: not monarch_procs_with_env("FORGE_TEST_TAG", tag), 15)
+        # Nothing left: no Monarch process, and with hosts no worker either.
+        assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15), procs_with_env("FORGE_TEST_TAG", tag)
     finally:
         if app.poll() is None:
             app.kill()
-        for pid in monarch_procs_with_env("FORGE_TEST_TAG", tag):
+        for pid in procs_with_env("FORGE_TEST_TAG", tag):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+async def test_policy_and_trainer_on_different_hosts_sync_weights_across_hosts(tmp_path, monkeypatch):
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv("FORGE_TEST_TAG", tag)
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, QUICK + ["run.max_steps=3", f"run.output_dir={tmp_path}", *ON_HOSTS])
+    summary = await run(cfg, tmp_path)
+    assert summary["steps"] == 3
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["policy/version"] == 3
+    # The generator is on another host than the trainer: every version was pulled across.
+    pulled = [l.get("weight_sync/pulled_mb", 0) for l in lines]
+    assert sum(pulled) > 0 and sum(p > 0 for p in pulled) >= 2, pulled
+    assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15), procs_with_env("FORGE_TEST_TAG", tag)
 
 
 @pytest.mark.timeout(300)

@@ -1,0 +1,106 @@
+"""Host pool configuration, placement bookkeeping and per-host weight stores (no processes spawned)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from apps.grpo.config import GRPOConfig
+from forge.controller import ForgeActor, HostsConfig
+from forge.controller.hosts import Placement, job_processes, make_job
+from forge.util.config import build
+from forge.weights.store import WeightStore
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"source": "kubernetes", "groups": {"a": 1}}, r"hosts.source must be one of \['process_job', 'workers', 'slurm'\]"),
+    ({"source": "process_job"}, "hosts.groups must name at least one host group"),
+    ({"groups": {"a": 0}}, "hosts.groups.a must be a number of hosts >= 1, got 0"),
+    ({"groups": {"1bad": 1}}, "group name '1bad' must be a letter"),
+    ({"source": "workers", "groups": {"gen": 2}}, r"needs a list of worker addresses such as \['tcp://node1:26600'\]"),
+    ({"groups": {"a": 1}, "lease_timeout_s": 1}, "lease_timeout_s must be > 2.0 s"),
+    ({"groups": {"a": 1}, "failure_timeout_s": 0}, "failure_timeout_s must be a positive number"),
+    ({"groups": {"a": 1}, "slurm": {"partition": "gpu"}}, "hosts.slurm is only used with source 'slurm'"),
+    ({"source": "slurm", "groups": {"a": 1}, "slurm": {"partiton": "gpu"}}, r"unknown SlurmJob option\(s\) \['partiton'\]"),
+    ({"groups": {"a": 1}, "hostz": 1}, r"hosts: unknown key\(s\) \['hostz'\]"),
+])
+def test_bad_host_configs_are_refused_naming_the_field(value, message):
+    with pytest.raises(ValueError, match=message):
+        HostsConfig.parse(value)
+
+
+def test_a_slurm_config_becomes_a_monarch_slurm_job_without_submitting_anything():
+    config = HostsConfig.parse({"source": "slurm", "groups": {"gen": 2, "train": 4},
+                                "slurm": {"partition": "gpu", "time_limit": "02:00:00", "gpus_per_node": 8,
+                                          "account": "rl", "slurm_args": ["--constraint=h100"]}})
+    job = make_job(config, "abc")
+    assert type(job).__name__ == "SlurmJob"
+    assert job._meshes == {"gen": 2, "train": 4}
+    assert (job._partition, job._time_limit, job._gpus_per_node, job._account) == ("gpu", "02:00:00", 8, "rl")
+    assert list(job._slurm_args) == ["--constraint=h100"]
+
+
+def test_a_process_job_tags_its_workers_with_the_job_id():
+    job = make_job(HostsConfig.parse({"groups": {"gen": 3}}), "abc123")
+    assert job._meshes == {"gen": 3} and job._env["FORGE_JOB_ID"] == "abc123"
+    assert job._env["HYPERACTOR_MESH_GET_PROC_STATE_MAX_IDLE"] == "5s"
+
+
+def test_ranks_map_to_the_hosts_of_their_placement():
+    placement = Placement(1, "train", 2, 2, ("train-2", "train-3"), tuple({} for _ in range(8)))
+    assert [placement.host_of_rank(r) for r in range(8)] == ["train-2"] * 4 + ["train-3"] * 4
+
+
+def test_host_options_are_validated_when_set():
+    class Thing(ForgeActor):
+        pass
+
+    with pytest.raises(ValueError, match="option 'hosts' must be >= 1"):
+        Thing.options(hosts=0)
+    with pytest.raises(ValueError, match="option 'host_group' must be the name of a host group"):
+        Thing.options(host_group=3)
+    assert Thing.options(hosts=4, host_group="gen")._forge_placement.hosts == 4
+
+
+def test_grpo_placement_must_name_known_parts_and_groups():
+    hosts = {"source": "process_job", "groups": {"gen": 1, "train": 1}}
+    cfg = build(GRPOConfig, {"hosts": hosts, "placement": {"policy": "gen", "trainer": "train"}})
+    assert cfg.placement == {"policy": "gen", "trainer": "train"}
+    with pytest.raises(ValueError, match=r"placement: unknown part\(s\) \['polcy'\]"):
+        build(GRPOConfig, {"hosts": hosts, "placement": {"polcy": "gen"}})
+    with pytest.raises(ValueError, match=r"placement.trainer: 'gpu' is not a group of hosts.groups \['gen', 'train'\]"):
+        build(GRPOConfig, {"hosts": hosts, "placement": {"trainer": "gpu"}})
+    with pytest.raises(ValueError, match="there is no hosts: section"):
+        build(GRPOConfig, {"placement": {"trainer": "gen"}})
+    with pytest.raises(ValueError, match="hosts.groups.gen must be a number of hosts"):
+        build(GRPOConfig, {"hosts": {"groups": {"gen": "two"}}})
+
+
+def test_the_lease_finds_only_this_jobs_processes_under_the_worker():
+    env = dict(os.environ, FORGE_JOB_ID="job-under-test")
+    tagged = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert job_processes("job-under-test", os.getpid()) == [tagged.pid]
+        assert job_processes("another-job", os.getpid()) == []
+        assert job_processes("job-under-test", other.pid) == []  # not under that root
+    finally:
+        for p in (tagged, other):
+            p.kill()
+            p.wait()
+
+
+def test_weight_stores_are_per_host_so_another_host_has_to_pull(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_HOST", "train-0")
+    trainer_store = WeightStore("run1", tmp_path)
+    trainer_store.publish({"w": torch.ones(3)}, version=1)
+    monkeypatch.setenv("FORGE_HOST", "gen-0")
+    gen_store = WeightStore("run1", tmp_path)
+    assert gen_store.find(1) is None  # another host: not visible, even on one machine
+    monkeypatch.setenv("FORGE_HOST", "train-0")
+    assert WeightStore("run1", tmp_path).find(1) is not None  # the same host sees it
+    monkeypatch.delenv("FORGE_HOST")
+    assert WeightStore("run1", tmp_path).find(1) is None  # a process outside the pool has its own
+    trainer_store.close()
