@@ -38,7 +38,7 @@ def test_options_of_options_start_from_the_defaults():
         ({"num_replicas": -1}, "num_replicas"),
         ({"with_gpus": "yes"}, "with_gpus"),
         ({"hosts": 0}, "hosts"),
-        ({"hosts": 2}, "hosts"),
+        ({"host_group": ""}, "host_group"),
         ({"max_concurrent_requests": 0}, "max_concurrent_requests"),
         ({"health_probe_timeout_s": -1}, "health_probe_timeout_s"),
         ({"unavailable_timeout_s": "soon"}, "unavailable_timeout_s"),

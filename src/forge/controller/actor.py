@@ -38,6 +38,7 @@ from forge.controller.hosts import (
     release_placement,
     spawn_placed,
     supervision_env,
+    wait_if_host_died,
 )
 from forge.controller.options import PlacementOptions, ServiceOptions, parse_options
 from forge.controller.provisioner import (
@@ -366,6 +367,8 @@ class _ActorResources:
             self.pool.untrack(self)
         stopped = False
         try:
+            if self.placement is not None and self.proc_mesh is not None:
+                await wait_if_host_died(self.request, self.placement)
             if self.proc_mesh is not None:
                 if graceful:
                     await self.proc_mesh.stop()

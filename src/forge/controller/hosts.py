@@ -425,11 +425,7 @@ class HostRegistry(Actor):
     @endpoint
     async def kill(self, placement: Placement, pids: list[int]) -> None:
         """Kill a replica's processes on their hosts (a hung replica that will not stop)."""
-        by_host: dict[str, list[int]] = {}
-        for rank, pid in enumerate(pids):
-            by_host.setdefault(placement.host_of_rank(rank), []).append(pid)
-        for key, host_pids in by_host.items():
-            host = self._host(key)
+        for host, host_pids in self._pids_by_host(placement, pids):
             if host is not None and host.alive:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(host.agent.kill.call_one(host_pids), _CHECK_TIMEOUT_S)
@@ -437,11 +433,7 @@ class HostRegistry(Actor):
     @endpoint
     async def alive(self, placement: Placement, pids: list[int]) -> bool:
         """Whether every one of a replica's processes is still running (for watchdogs)."""
-        by_host: dict[str, list[int]] = {}
-        for rank, pid in enumerate(pids):
-            by_host.setdefault(placement.host_of_rank(rank), []).append(pid)
-        for key, host_pids in by_host.items():
-            host = self._host(key)
+        for host, host_pids in self._pids_by_host(placement, pids):
             if host is None or not host.alive:
                 return False
             try:
@@ -487,8 +479,13 @@ class HostRegistry(Actor):
     def _mark_dead_if_silent(self, host: _Host) -> None:
         asyncio.ensure_future(self._ping(host, _CHECK_TIMEOUT_S))
 
-    def _host(self, key: str) -> _Host | None:
-        return next((h for hosts in self._hosts.values() for h in hosts if h.info.key == key), None)
+    def _pids_by_host(self, placement: Placement, pids: list[int]) -> list[tuple[_Host | None, list[int]]]:
+        """A placement's pids (in rank order) grouped by the host each rank runs on."""
+        by_key: dict[str, list[int]] = {}
+        for rank, pid in enumerate(pids):
+            by_key.setdefault(placement.host_of_rank(rank), []).append(pid)
+        hosts = {h.info.key: h for group in self._hosts.values() for h in group}
+        return [(hosts.get(key), host_pids) for key, host_pids in by_key.items()]
 
     async def _ping(self, host: _Host, timeout_s: float) -> bool:
         if not host.alive:
@@ -546,8 +543,10 @@ async def release_placement(request: HostRequest, placement: Placement, kill: tu
 class HostPool:
     """The client's view of a pool: its job, group meshes and registry. Made by ``init_hosts``."""
 
-    def __init__(self, config: HostsConfig, job_id: str, job: Any, meshes: dict[str, Any]) -> None:
+    def __init__(self, config: HostsConfig, job_id: str, job: Any, meshes: dict[str, Any],
+                 previous_delivery_timeout: str | None = None) -> None:
         self.config = config
+        self._previous_delivery_timeout = previous_delivery_timeout
         self.job_id = job_id
         self._job = job
         self._meshes = meshes
@@ -629,6 +628,11 @@ class HostPool:
             if self._job is not None:
                 job, self._job = self._job, None
                 await asyncio.get_running_loop().run_in_executor(None, job.kill)
+            if self._previous_delivery_timeout is not None:
+                import monarch.config
+
+                monarch.config.configure(message_delivery_timeout=self._previous_delivery_timeout)
+                self._previous_delivery_timeout = None
 
     async def __aenter__(self) -> "HostPool":
         return self
@@ -657,6 +661,16 @@ async def wait_for_returns(last_host_death: float | None, failure_timeout_s: flo
     """Stay up until messages sent to a host that died at ``last_host_death`` have come back."""
     if last_host_death is not None:
         await asyncio.sleep(max(0.0, last_host_death + drain_s(failure_timeout_s) - time.monotonic()))
+
+
+async def wait_if_host_died(request: HostRequest, placement: Placement) -> None:
+    """Before stopping a placement's processes: if a host of it died, wait out the returns."""
+    try:
+        alive = await asyncio.wait_for(request.registry.check.call_one(placement.placement_id), 2 * _CHECK_TIMEOUT_S)
+    except Exception:  # the registry is gone: the pool is shutting down and waits itself
+        return
+    if not alive:
+        await wait_for_returns(time.monotonic(), request.failure_timeout_s)
 
 
 def supervision_env(failure_timeout_s: float) -> dict[str, str]:
@@ -702,7 +716,9 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
         enable_transport(config.transport)
     import monarch.config
 
-    # A message to a dead host comes back to its sender after this (Monarch's default is 30 s).
+    # A message to a dead host comes back to its sender after this (Monarch's default is
+    # 30 s); put back when the pool shuts down.
+    previous_timeout = monarch.config.get_global_config().get("message_delivery_timeout")
     monarch.config.configure(message_delivery_timeout=f"{delivery_timeout_s(config.failure_timeout_s)}s")
     from forge.controller.provisioner import ensure_runtime
 
@@ -729,13 +745,17 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
             job = make_job(config, job_id)
             state = await loop.run_in_executor(None, lambda: job.state(cached_path=None))
             meshes = {g: getattr(state, g) for g in config.groups}
-        pool = HostPool(config, job_id, job, meshes)
+        pool = HostPool(config, job_id, job, meshes, previous_timeout)
         job = None  # the pool owns it now
         try:
             await pool._start()
         except BaseException:
             await pool.shutdown()
             raise
+    except BaseException:
+        if previous_timeout is not None:
+            monarch.config.configure(message_delivery_timeout=previous_timeout)
+        raise
     finally:
         if job is not None:
             await loop.run_in_executor(None, job.kill)

@@ -143,12 +143,12 @@ class ServiceController(Actor):
     @endpoint
     async def shutdown_service(self) -> None:
         self._is_shut_down = True
+        if self._spec.hosts is not None:  # meshes on a dead host stop first (see drain_s)
+            await wait_for_returns(self._last_host_death, self._spec.hosts.failure_timeout_s)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stop_all()
-        if self._spec.hosts is not None:
-            await wait_for_returns(self._last_host_death, self._spec.hosts.failure_timeout_s)
         self._bump()
 
     def _handle_undeliverable_message(self, message: Any) -> bool:
@@ -235,10 +235,11 @@ class ServiceController(Actor):
         mesh, pids, placement = replica.proc_mesh, replica.pids, replica.placement
         replica.proc_mesh, replica.actors, replica.pids, replica.placement = None, None, (), None
         if placement is not None and not await self._hosts_alive(placement):
-            # Its host is gone and its processes with it: rebuild now, let Monarch's stop finish later.
+            # Its host is gone and its processes with it: rebuild now, stop the mesh later
+            # (once Monarch has returned what was sent to the dead host; see drain_s).
             self._last_host_death = time.monotonic()
             if mesh is not None:
-                self._own(asyncio.ensure_future(_stop_quietly(mesh)))
+                self._own(asyncio.ensure_future(self._stop_after_returns(mesh, self._last_host_death)))
             await release_placement(self._spec.hosts, placement)
             return
         stopped = False
@@ -255,6 +256,10 @@ class ServiceController(Actor):
                 for pid in pids:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
+
+    async def _stop_after_returns(self, mesh: Any, host_death: float) -> None:
+        await wait_for_returns(host_death, self._spec.hosts.failure_timeout_s)
+        await _stop_quietly(mesh)
 
     async def _hosts_alive(self, placement: Placement) -> bool:
         try:
