@@ -63,7 +63,8 @@ class Publisher(ForgeActor):
 
 
 class Generator(ForgeActor):
-    def __init__(self, store: str) -> None:
+    def __init__(self, store: str, chunk_mb: int) -> None:
+        self.chunk_mb = chunk_mb
         self.store = WeightStore(store)
         self.weights: dict[str, torch.Tensor] = {}
 
@@ -82,7 +83,7 @@ class Generator(ForgeActor):
     @endpoint
     async def via_pull(self, version: int, source: object) -> float:
         started = time.perf_counter()
-        await self.store.fetch(version, source)
+        await self.store.fetch(version, source, chunk_bytes=self.chunk_mb << 20)
         with self.store.open(version) as published:
             for key, value in published.items():
                 self.weights[key].copy_(value)
@@ -96,13 +97,13 @@ class Generator(ForgeActor):
         self.store.close()
 
 
-async def main(sizes_m: list[int], repeats: int) -> None:
+async def main(sizes_m: list[int], repeats: int, chunk_mb: int) -> None:
     pool = await init_hosts({"source": "process_job", "groups": {"train": 1, "gen": 1}})
     store = f"bench-{uuid.uuid4().hex[:8]}"
     rows = []
     try:
         publisher = await Publisher.options(host_group="train").as_actor(store)
-        generator = await Generator.options(host_group="gen").as_actor(store)
+        generator = await Generator.options(host_group="gen").as_actor(store, chunk_mb)
         version = 0
         for size_m in sizes_m:
             num_params = size_m * 1_000_000
@@ -121,7 +122,7 @@ async def main(sizes_m: list[int], repeats: int) -> None:
         await Publisher.shutdown(publisher)
     finally:
         await pool.shutdown()
-    print(f"\ncross-host weight sync, 2 simulated hosts, median of {repeats}")
+    print(f"\ncross-host weight sync, 2 simulated hosts, {chunk_mb} MB chunks, median of {repeats}")
     print(f"{'params':>8} {'MB':>7} {'message s':>10} {'pull s':>8} {'pull/message':>13} {'pull GB/s':>10}")
     for size_m, mb, message, pull in rows:
         print(f"{size_m:>7}M {mb:>7.0f} {message:>10.3f} {pull:>8.3f} {pull / message:>12.2f}x {mb / 1e3 / pull:>10.2f}")
@@ -131,5 +132,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="millions of fp32 parameters")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-mb", type=int, default=64, help="pull chunk size (Policy uses 64)")
     args = parser.parse_args()
-    asyncio.run(main(args.sizes, args.repeats))
+    asyncio.run(main(args.sizes, args.repeats, args.chunk_mb))

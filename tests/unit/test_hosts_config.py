@@ -1,5 +1,6 @@
 """Host pool configuration, placement bookkeeping and per-host weight stores (no processes spawned)."""
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -104,3 +105,42 @@ def test_weight_stores_are_per_host_so_another_host_has_to_pull(tmp_path, monkey
     monkeypatch.delenv("FORGE_HOST")
     assert WeightStore("run1", tmp_path).find(1) is None  # a process outside the pool has its own
     trainer_store.close()
+
+
+class _Endpoint:
+    def __init__(self, fn, calls):
+        self._fn, self._calls = fn, calls
+
+    async def call_one(self, *args):
+        self._calls.append(args)
+        await asyncio.sleep(0.01)  # a message round trip: lets the other puller run
+        return self._fn(*args)
+
+
+class _Publisher:
+    """The two endpoints ``fetch`` uses, served from a store in this process (no transport)."""
+
+    def __init__(self, store):
+        self.calls = []
+        self.weights_size = _Endpoint(store.published_size, self.calls)
+        self.weights_chunk = _Endpoint(store.read_bytes, self.calls)
+
+
+async def test_one_pull_per_host_even_when_two_replicas_ask_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_HOST", "train-0")
+    trainer_store = WeightStore("run2", tmp_path)
+    weights = {"a": torch.randn(1000), "b": torch.arange(10.0)}
+    trainer_store.publish(weights, version=3)
+    monkeypatch.setenv("FORGE_HOST", "gen-0")
+    replica_1, replica_2 = WeightStore("run2", tmp_path), WeightStore("run2", tmp_path)
+    source = _Publisher(trainer_store)
+    paths = await asyncio.gather(replica_1.fetch(3, source, chunk_bytes=1024),
+                                 replica_2.fetch(3, source, chunk_bytes=1024))
+    assert paths[0] == paths[1]
+    size = trainer_store.published_size(3)
+    assert len(source.calls) == 1 + -(-size // 1024)  # one size query and one pull's chunks, not two
+    loaded = replica_2.read(3)
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    for store in (replica_1, replica_2, trainer_store):
+        store.close()
+    assert not list(tmp_path.iterdir())

@@ -28,6 +28,7 @@ dtype, shape, offset, nbytes), then the tensors' bytes, each 64-byte aligned.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import fcntl
@@ -203,6 +204,8 @@ class WeightStore:
             segment.destroy()
         self._published.clear()
         self._idle.clear()
+        with contextlib.suppress(FileNotFoundError):
+            self._fetch_lock_path().unlink()
 
     # ---- reading (the generators) ------------------------------------------------
 
@@ -228,10 +231,37 @@ class WeightStore:
         ``weights_chunk(version, offset, length)`` endpoints, such as ``RLTrainer``: the file
         travels through Monarch in chunks, ``in_flight`` at a time, into a local segment
         that is renamed into place when complete, so the replicas of this host then load it
-        from shared memory like a local version.
+        from shared memory like a local version. One process of a host pulls at a time: a
+        replica that finds the version already pulled by another uses that copy.
         """
-        import asyncio
+        lock = await self._fetch_lock()
+        try:
+            existing = self.find(version)
+            if existing is not None:
+                return existing
+            return await self._pull(version, source, chunk_bytes, in_flight)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.close(lock)
 
+    def _fetch_lock_path(self) -> Path:
+        return self.directory / f".{PREFIX}.{self._key}.fetch.lock"
+
+    async def _fetch_lock(self) -> int:
+        """This host's pull lock for the store (an exclusive flock, waited for without blocking the loop)."""
+        fd = os.open(self._fetch_lock_path(), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    await asyncio.sleep(0.02)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def _pull(self, version: int, source: Any, chunk_bytes: int, in_flight: int) -> Path:
         if hasattr(source, "size") and callable(source.size) and source.size() > 1:
             source = source.slice(**{dim: 0 for dim in source.extent.keys()})  # rank 0 publishes
         size = await source.weights_size.call_one(version)
@@ -339,8 +369,6 @@ class WeightStore:
 
     async def wait_for(self, version: int, timeout_s: float = 60.0) -> None:
         """Wait (without blocking the event loop) until ``version`` is on this host."""
-        import asyncio
-
         deadline = time.monotonic() + timeout_s
         while self.find(version) is None:
             if time.monotonic() > deadline:
