@@ -3,6 +3,8 @@
     python -m apps.grpo.main                                    # the embedded default (CPU)
     python -m apps.grpo.main --config apps/grpo/default.yaml policy.num_replicas=2
     python -m apps.grpo.main --resume runs/grpo-tiny-20261125-220000
+    python -m apps.grpo.main 'hosts={source: process_job, groups: {gen: 1, train: 1}}' \
+        'placement={policy: gen, trainer: train}'                # parts on other hosts
 
 The loop's concurrent tasks and what each waits on:
 
