@@ -156,30 +156,68 @@ from tests.actors.test_hosts import Where
 from forge.controller import init_hosts
 
 async def main():
-    await init_hosts({{"source": "process_job", "groups": {{"gen": 2}}, "lease_timeout_s": 4}})
+    await init_hosts({{"source": "process_job", "groups": {{"gen": 2}}, "lease_timeout_s": {lease}}})
     service = await Where.options(num_replicas=2, hosts=1, host_group="gen").as_service()
     await service.where.fanout()
     print("ready", flush=True)
+    if {crash!r}:
+        raise RuntimeError("the user's loop fails; nobody calls pool.shutdown()")
     await asyncio.sleep(600)
 
 asyncio.run(main())
 """
 
 
-def test_a_killed_client_leaves_no_process_on_any_host(tag, tmp_path):
+@pytest.mark.parametrize("how", ["sigkill", "exception"])
+def test_a_client_that_dies_or_never_shuts_down_leaves_no_process_on_any_host(tag, tmp_path, how):
     script = tmp_path / "client.py"
-    script.write_text(CLIENT.format(root=str(ROOT)))
-    client = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    script.write_text(CLIENT.format(root=str(ROOT), lease=15, crash=how == "exception"))
+    client = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=dict(os.environ))
     try:
         assert client.stdout.readline().strip() == "ready"
-        assert len(procs_with_env("FORGE_TEST_TAG", tag)) >= 6  # client, registry, 2 workers, 2 agents, 2 replicas...
-        client.send_signal(signal.SIGKILL)
-        client.wait(10)
-        # The hosts' agents stop hearing from the client; after the 4 s lease they kill everything.
-        assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 30, 0.2), procs_with_env("FORGE_TEST_TAG", tag)
+        assert len(procs_with_env("FORGE_TEST_TAG", tag)) >= 6  # client, reaper, 2 workers, 2 agents, replicas...
+        if how == "sigkill":
+            client.send_signal(signal.SIGKILL)
+        client.wait(30)
+        # The pool's reaper sees the client gone and kills the job's processes, workers included.
+        assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15, 0.2), procs_with_env("FORGE_TEST_TAG", tag)
     finally:
         if client.poll() is None:
             client.kill()
+
+
+LEASE_CLIENT = CLIENT.replace('"process_job", "groups": {{"gen": 2}}', '"workers", "groups": {{"gen": {workers!r}}}')
+
+
+async def test_a_killed_clients_processes_on_hand_started_workers_go_and_the_workers_stay_up(tag, tmp_path):
+    ports = [free_port(), free_port()]
+    workers = [start_worker(p) for p in ports]
+    script = tmp_path / "client.py"
+    script.write_text(LEASE_CLIENT.format(root=str(ROOT), lease=4, crash=False,
+                                          workers=[f"tcp://127.0.0.1:{p}" for p in ports]))
+    client = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=dict(os.environ))
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        on_workers = [p for p in procs_with_env("FORGE_TEST_TAG", tag) if _parent(p) in {w.pid for w in workers}]
+        assert len(on_workers) >= 4  # 2 agents, 2 replicas
+        client.send_signal(signal.SIGKILL)
+        client.wait(10)
+        worker_pids = {w.pid for w in workers}
+        assert wait_until(lambda: set(procs_with_env("FORGE_TEST_TAG", tag)) == worker_pids, 20, 0.2)
+        assert all(w.poll() is None for w in workers)  # the user's workers stay up for the next job
+    finally:
+        if client.poll() is None:
+            client.kill()
+        for w in workers:
+            w.kill()
+            w.wait(10)
+
+
+def start_worker(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "forge.controller.worker", "--address", f"tcp://127.0.0.1:{port}"],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
 
 
 def free_port() -> int:
@@ -190,8 +228,7 @@ def free_port() -> int:
 
 async def test_workers_started_by_hand_serve_a_job_and_stay_up_empty_afterwards(tag):
     ports = [free_port(), free_port()]
-    workers = [subprocess.Popen([sys.executable, "-m", "forge.controller.worker", "--address", f"tcp://127.0.0.1:{p}"],
-                                env=dict(os.environ, PYTHONPATH=str(ROOT / "src"))) for p in ports]
+    workers = [start_worker(p) for p in ports]
     try:
         pool = await init_hosts({"source": "workers", "groups": {"gen": [f"tcp://127.0.0.1:{p}" for p in ports]}})
         try:

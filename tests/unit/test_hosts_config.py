@@ -144,3 +144,19 @@ async def test_one_pull_per_host_even_when_two_replicas_ask_at_once(tmp_path, mo
     for store in (replica_1, replica_2, trainer_store):
         store.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_the_reaper_kills_the_jobs_processes_once_the_client_is_gone():
+    from forge.controller.reaper import reap
+
+    client = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                           env=dict(os.environ, FORGE_JOB_ID="reaped-job"), start_new_session=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert reap(client.pid, "reaped-job", interval_s=0.05) == 1
+        assert job.wait(5) == -9 and bystander.poll() is None
+    finally:
+        for p in (client, job, bystander):
+            p.kill()
+            p.wait()

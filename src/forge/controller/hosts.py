@@ -53,11 +53,11 @@ from typing import Any
 from monarch.actor import Actor, endpoint, this_host
 
 from forge.controller.provisioner import free_port, rank_env, spawn_proc_mesh, visible_gpus
+from forge.controller.reaper import JOB_ID_ENV, has_job_id  # every process of a pool's job carries JOB_ID_ENV
 
 logger = logging.getLogger("forge.hosts")
 
 SOURCES = ("process_job", "workers", "slurm")
-JOB_ID_ENV = "FORGE_JOB_ID"  # every process of a pool's job carries it (the lease's kill list)
 HOST_ENV = "FORGE_HOST"  # "<group>-<index>": the host a process was placed on
 _GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _HEARTBEAT_INTERVAL_S = 1.0
@@ -214,17 +214,9 @@ def job_processes(job_id: str, root: int) -> list[int]:
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
-        if _has_job_id(pid, job_id):
+        if has_job_id(pid, job_id):
             pids.append(pid)
     return pids
-
-
-def _has_job_id(pid: int, job_id: str) -> bool:
-    try:  # fails for a process that is gone or another user's
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return f"{JOB_ID_ENV}={job_id}".encode() in f.read().split(b"\0")
-    except OSError:
-        return False
 
 
 def kill_pids(pids: list[int] | tuple[int, ...]) -> None:
@@ -292,7 +284,7 @@ class HostAgent(Actor):
         logger.warning("forge host agent: no heartbeat for %.0f s; killing %d process(es) of job %s",
                        self._lease_timeout_s, len(mine), self._job_id)
         kill_pids(mine)
-        if self._owns_allocation and _has_job_id(os.getppid(), self._job_id):
+        if self._owns_allocation and has_job_id(os.getppid(), self._job_id):
             kill_pids([os.getppid()])  # a worker Forge started itself (ProcessJob)
         if self._owns_allocation and os.environ.get("SLURM_JOB_ID"):
             with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -554,6 +546,7 @@ class HostPool:
         self.registry: Any = None
         self.hosts: list[HostInfo] = []
         self._running: dict[int, tuple[Any, Any]] = {}  # services and actors placed on it: id -> (owner, stop)
+        self._reaper: subprocess.Popen | None = None  # process_job: kills the job if this client goes
 
     def track(self, owner: Any, stop: Any) -> None:
         """Remember a service or actor on this pool; ``shutdown`` awaits ``stop()`` if it is still running."""
@@ -628,6 +621,10 @@ class HostPool:
             if self._job is not None:
                 job, self._job = self._job, None
                 await asyncio.get_running_loop().run_in_executor(None, job.kill)
+            if self._reaper is not None:
+                self._reaper.kill()
+                self._reaper.wait()
+                self._reaper = None
             if self._previous_delivery_timeout is not None:
                 import monarch.config
 
@@ -689,6 +686,16 @@ def current_pool() -> HostPool | None:
     return _pool
 
 
+def start_reaper(job_id: str) -> subprocess.Popen:
+    """A detached process that kills this job's local processes once this client is gone."""
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "forge.controller.reaper", "--client", str(os.getpid()), "--job", job_id],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )
+
+
 def make_job(config: HostsConfig, job_id: str) -> Any:
     """The Monarch job for a ``process_job`` or ``slurm`` config (not started yet)."""
     from monarch.job import ProcessJob, SlurmJob
@@ -724,7 +731,7 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
 
     ensure_runtime()
     job_id = uuid.uuid4().hex[:12]
-    job = None
+    job = reaper = None
     loop = asyncio.get_running_loop()
     try:
         if config.source == "workers":
@@ -742,10 +749,13 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
                         "`python -m forge.controller.worker --address tcp://0.0.0.0:PORT`"
                     ) from None
         else:
+            if config.source == "process_job":
+                reaper = start_reaper(job_id)
             job = make_job(config, job_id)
             state = await loop.run_in_executor(None, lambda: job.state(cached_path=None))
             meshes = {g: getattr(state, g) for g in config.groups}
         pool = HostPool(config, job_id, job, meshes, previous_timeout)
+        pool._reaper, reaper = reaper, None
         job = None  # the pool owns it now
         try:
             await pool._start()
@@ -759,6 +769,9 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
     finally:
         if job is not None:
             await loop.run_in_executor(None, job.kill)
+        if reaper is not None:
+            reaper.kill()
+            reaper.wait()
     _pool = pool
     return pool
 

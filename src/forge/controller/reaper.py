@@ -1,0 +1,75 @@
+"""The reaper of a local host pool: kills the job's processes when its client is gone.
+
+``init_hosts`` starts one, detached, for a ``process_job`` pool (every host a worker
+process on this machine). It watches the client's pid; when the client is gone — killed,
+crashed, or exited without ``pool.shutdown()`` — it kills every process on this machine
+whose environment carries the job's ``FORGE_JOB_ID`` (workers included), then exits.
+Monarch alone would leave ProcessJob workers running: they live in sessions of their own.
+
+    python -m forge.controller.reaper --client PID --job JOB_ID
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+
+JOB_ID_ENV = "FORGE_JOB_ID"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (tells a reused pid apart), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def has_job_id(pid: int, job_id: str) -> bool:
+    """Whether process ``pid``'s environment carries ``FORGE_JOB_ID=job_id``."""
+    try:  # fails for a process that is gone or another user's
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{JOB_ID_ENV}={job_id}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def processes_of_job(job_id: str) -> list[int]:
+    """Every process on this machine (but this one) that belongs to the job."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid() and has_job_id(int(e), job_id)]
+
+
+def reap(client_pid: int, job_id: str, interval_s: float = 0.5) -> int:
+    """Wait for the client to go, then kill the job's processes; returns how many were killed."""
+    started = _start_time(client_pid)
+    while started is not None and _start_time(client_pid) == started:
+        time.sleep(interval_s)
+    killed = 0
+    for _ in range(3):  # processes may still be spawning children while we kill
+        pids = processes_of_job(job_id)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not pids:
+            break
+        time.sleep(0.2)
+    return killed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m forge.controller.reaper", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--client", type=int, required=True, help="pid of the client process to watch")
+    parser.add_argument("--job", required=True, help="the pool's FORGE_JOB_ID")
+    args = parser.parse_args(argv)
+    reap(args.client, args.job)
+
+
+if __name__ == "__main__":
+    main()
