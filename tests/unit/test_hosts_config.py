@@ -147,7 +147,7 @@ async def test_one_pull_per_host_even_when_two_replicas_ask_at_once(tmp_path, mo
 
 
 def test_the_reaper_kills_the_jobs_processes_once_the_client_is_gone():
-    from forge.controller.reaper import reap
+    from forge.controller.hosts.reaper import reap
 
     client = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
     job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
@@ -160,3 +160,36 @@ def test_the_reaper_kills_the_jobs_processes_once_the_client_is_gone():
         for p in (client, job, bystander):
             p.kill()
             p.wait()
+
+
+def _hosts(*gpu_counts, dead=(), loads=None):
+    from forge.controller.hosts.config import HostInfo
+    from forge.controller.hosts.registry import _Host
+
+    loads = loads or [0] * len(gpu_counts)
+    return [_Host(HostInfo(f"g-{i}", "g", i, "h", "127.0.0.1", tuple(str(d) for d in range(n))), agent=None,
+                  alive=i not in dead, placements=loads[i]) for i, n in enumerate(gpu_counts)]
+
+
+def _request(hosts=1, procs=1, with_gpus=False):
+    from forge.controller.hosts.config import HostRequest
+
+    return HostRequest("g", hosts, procs, with_gpus, registry=None, mesh=None, failure_timeout_s=5)
+
+
+def test_placement_takes_the_least_loaded_live_window_with_enough_free_gpus():
+    from forge.controller.hosts.registry import HostRegistry
+
+    def keys(window):
+        return None if window is None else [h.info.key for h in window]
+
+    choose = HostRegistry._choose
+    assert keys(choose(_hosts(0, 0, 0, loads=[1, 0, 1]), _request())) == ["g-1"]
+    assert keys(choose(_hosts(0, 0, 0, loads=[0, 0, 0], dead={0}), _request())) == ["g-1"]  # ties: first live
+    assert keys(choose(_hosts(0, 0, 0, 0, loads=[0, 1, 1, 0]), _request(hosts=2))) == ["g-0", "g-1"]
+    assert keys(choose(_hosts(0, 0, 0, dead={1}), _request(hosts=2))) is None  # no 2 live hosts in a row
+    gpus = _hosts(2, 4, 4)
+    gpus[1].gpus_in_use.update({"0", "1", "2"})
+    assert keys(choose(gpus, _request(procs=2, with_gpus=True))) == ["g-0"]
+    assert keys(choose(gpus, _request(procs=4, with_gpus=True))) == ["g-2"]
+    assert keys(choose(gpus, _request(procs=8, with_gpus=True))) is None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from monarch._src.actor.endpoint import EndpointProperty
-from monarch.actor import Actor, endpoint, this_host, this_proc
+from monarch.actor import Actor, endpoint, this_host
 
 from forge.controller.errors import ForgeUsageError, ReplicaFailed
 from forge.controller.hosts import (

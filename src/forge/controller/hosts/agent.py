@@ -1,0 +1,126 @@
+"""``HostAgent``: Forge's small process on every host of a pool, and this host's process helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+from monarch.actor import Actor, endpoint
+
+from forge.controller.hosts.reaper import has_job_id
+from forge.controller.provisioner import free_port, visible_gpus
+
+logger = logging.getLogger("forge.hosts")
+
+
+# ---- this host's processes -------------------------------------------------------------
+
+
+def host_address() -> str:
+    """How other hosts reach this one: ``$FORGE_HOST_ADDR``, else the hostname's address."""
+    if os.environ.get("FORGE_HOST_ADDR"):
+        return os.environ["FORGE_HOST_ADDR"]
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+    return "127.0.0.1" if address.startswith("127.") else address
+
+
+def job_processes(job_id: str, root: int) -> list[int]:
+    """Pids under process ``root`` (this host's worker) whose environment carries ``FORGE_JOB_ID=job_id``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    pids, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        if has_job_id(pid, job_id):
+            pids.append(pid)
+    return pids
+
+
+def kill_pids(pids: list[int] | tuple[int, ...]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class HostAgent(Actor):
+    """Forge's agent on one host. See the module docstring."""
+
+    def __init__(self, job_id: str, lease_timeout_s: float, owns_allocation: bool) -> None:
+        self._job_id = job_id
+        self._lease_timeout_s = lease_timeout_s
+        self._owns_allocation = owns_allocation
+        self._last_heard = time.monotonic()
+        self._released = False
+        threading.Thread(target=self._watch_lease, name="forge-lease", daemon=True).start()
+
+    @endpoint
+    def info(self) -> tuple[str, str, tuple[str, ...]]:
+        return socket.gethostname(), host_address(), tuple(visible_gpus())
+
+    @endpoint
+    def heartbeat(self) -> None:
+        self._last_heard = time.monotonic()
+
+    @endpoint
+    def free_port(self) -> int:
+        return free_port()
+
+    @endpoint
+    def kill(self, pids: list[int]) -> None:
+        kill_pids([p for p in pids if p != os.getpid()])
+
+    @endpoint
+    def alive(self, pids: list[int]) -> bool:
+        return all(pid_alive(p) for p in pids)
+
+    @endpoint
+    def release(self) -> int:
+        """The job is over: kill what is left of it on this host (not this agent); stop the lease."""
+        self._released = True
+        leftovers = [p for p in job_processes(self._job_id, os.getppid()) if p != os.getpid()]
+        kill_pids(leftovers)
+        return len(leftovers)
+
+    def _watch_lease(self) -> None:
+        while not self._released:
+            time.sleep(0.5)
+            if time.monotonic() - self._last_heard > self._lease_timeout_s and not self._released:
+                self._expire()
+
+    def _expire(self) -> None:
+        """The client is gone: kill every process of the job here, then this one."""
+        mine = [p for p in job_processes(self._job_id, os.getppid()) if p != os.getpid()]
+        logger.warning("forge host agent: no heartbeat for %.0f s; killing %d process(es) of job %s",
+                       self._lease_timeout_s, len(mine), self._job_id)
+        kill_pids(mine)
+        if self._owns_allocation and has_job_id(os.getppid(), self._job_id):
+            kill_pids([os.getppid()])  # a worker Forge started itself (ProcessJob)
+        if self._owns_allocation and os.environ.get("SLURM_JOB_ID"):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["scancel", os.environ["SLURM_JOB_ID"]], timeout=30, check=False)
+        os._exit(0)

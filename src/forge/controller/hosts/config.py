@@ -1,0 +1,159 @@
+"""Host pool configuration and the typed messages of placement (no processes, no Monarch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+SOURCES = ("process_job", "workers", "slurm")
+HOST_ENV = "FORGE_HOST"  # "<group>-<index>": the host a process was placed on
+HEARTBEAT_INTERVAL_S = 1.0
+_GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+# ---- configuration ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostsConfig:
+    """Where a pool's hosts come from. See the module docstring."""
+
+    source: str = "process_job"  # "process_job" | "workers" | "slurm"
+    groups: dict[str, Any] = field(default_factory=dict)  # name -> host count, or a list of worker addresses
+    failure_timeout_s: float = 5.0  # a host silent this long is dead; its replicas move
+    lease_timeout_s: float = 15.0  # a client silent this long is gone; its processes are killed
+    connect_timeout_s: float = 60.0  # bound on reaching every host at start
+    transport: str | None = None  # Monarch transport of this client (e.g. "tcp", "tcp://10.0.0.5:0")
+    slurm: dict[str, Any] = field(default_factory=dict)  # monarch.job.SlurmJob keyword arguments
+
+    @classmethod
+    def parse(cls, value: "HostsConfig | dict[str, Any]") -> "HostsConfig":
+        """A validated config from a ``HostsConfig`` or a mapping (YAML); ``ValueError`` names the bad field."""
+        if isinstance(value, HostsConfig):
+            fields = dataclasses.asdict(value)
+        elif isinstance(value, dict):
+            fields = dict(value)
+        else:
+            raise ValueError(f"hosts must be a HostsConfig or a mapping, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"hosts: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        config = cls(**fields)
+        config._validate()
+        return config
+
+    def _validate(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"hosts.source must be one of {list(SOURCES)}, got {self.source!r}")
+        if not isinstance(self.groups, dict) or not self.groups:
+            raise ValueError(
+                "hosts.groups must name at least one host group, e.g. {'gen': 2, 'train': 1}"
+                + (" (lists of worker addresses for source 'workers')" if self.source == "workers" else "")
+            )
+        for name, hosts in self.groups.items():
+            if not isinstance(name, str) or not _GROUP_NAME.match(name):
+                raise ValueError(f"hosts.groups: group name {name!r} must be a letter then letters, digits or '_'")
+            if self.source == "workers":
+                if (not isinstance(hosts, (list, tuple)) or not hosts
+                        or not all(isinstance(a, str) and "://" in a for a in hosts)):
+                    raise ValueError(
+                        f"hosts.groups.{name}: source 'workers' needs a list of worker addresses such as "
+                        f"['tcp://node1:26600'], got {hosts!r}"
+                    )
+            elif isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1:
+                raise ValueError(f"hosts.groups.{name} must be a number of hosts >= 1, got {hosts!r}")
+        for name in ("failure_timeout_s", "lease_timeout_s", "connect_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"hosts.{name} must be a positive number of seconds, got {value!r}")
+        if self.lease_timeout_s <= 2 * HEARTBEAT_INTERVAL_S:
+            raise ValueError(f"hosts.lease_timeout_s must be > {2 * HEARTBEAT_INTERVAL_S} s (heartbeats come every "
+                             f"{HEARTBEAT_INTERVAL_S} s), got {self.lease_timeout_s}")
+        if self.slurm and self.source != "slurm":
+            raise ValueError(f"hosts.slurm is only used with source 'slurm', not {self.source!r}")
+        if self.source == "slurm":
+            from monarch.job import SlurmJob
+
+            allowed = set(inspect.signature(SlurmJob.__init__).parameters) - {"self", "meshes"}
+            unknown = sorted(set(self.slurm) - allowed)
+            if unknown:
+                raise ValueError(f"hosts.slurm: unknown SlurmJob option(s) {unknown}; valid: {sorted(allowed)}")
+
+    def host_counts(self) -> dict[str, int]:
+        return {name: (len(h) if isinstance(h, (list, tuple)) else int(h)) for name, h in self.groups.items()}
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """One host of a pool, as its agent reported it at start."""
+
+    key: str  # "<group>-<index>"
+    group: str
+    index: int
+    hostname: str
+    address: str  # what other hosts use to reach it (MASTER_ADDR)
+    gpus: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    info: HostInfo
+    alive: bool
+    placements: int  # replicas and actors placed on it now
+    gpus_in_use: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HostRequest:
+    """Where one replica (or actor) goes: picklable, it travels in a service's spec."""
+
+    group: str
+    hosts: int
+    procs: int
+    with_gpus: bool
+    registry: Any  # the pool's HostRegistry ActorMesh
+    mesh: Any  # the group's HostMesh
+    failure_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Hosts chosen for one replica: a contiguous window of its group, and every rank's env."""
+
+    placement_id: int
+    group: str
+    first: int
+    count: int
+    host_keys: tuple[str, ...]
+    envs: tuple[dict[str, str], ...]
+
+    def host_of_rank(self, rank: int) -> str:
+        return self.host_keys[rank * self.count // len(self.envs)]
+
+
+def delivery_timeout_s(failure_timeout_s: float) -> int:
+    """Monarch's message delivery timeout for a pool: how long a message to a dead host waits."""
+    return max(5, round(failure_timeout_s))
+
+
+def drain_s(failure_timeout_s: float) -> float:
+    """How long after its last message to a dead host a process must stay up.
+
+    Monarch returns a message it could not deliver to its sender after the delivery
+    timeout; if the sender has stopped by then, the return lands in the client, which
+    Monarch 0.7.0 then crashes. So owners of host-placed processes wait this long after
+    a host death before they stop.
+    """
+    return delivery_timeout_s(failure_timeout_s) + 2.0
+
+
+def supervision_env(failure_timeout_s: float) -> dict[str, str]:
+    """Monarch settings under which a silent host is declared failed after ``failure_timeout_s``."""
+    return {
+        "HYPERACTOR_MESH_GET_PROC_STATE_MAX_IDLE": f"{max(1, round(failure_timeout_s))}s",
+        "HYPERACTOR_MESSAGE_DELIVERY_TIMEOUT": f"{delivery_timeout_s(failure_timeout_s)}s",
+    }

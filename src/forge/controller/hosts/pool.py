@@ -1,0 +1,236 @@
+"""``HostPool`` and ``init_hosts``: the client side of a host pool (its Monarch job and registry)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import uuid
+from typing import Any
+
+from monarch.actor import this_host
+
+from forge.controller.hosts.config import HostInfo, HostRequest, HostsConfig, HostStatus, delivery_timeout_s, supervision_env
+from forge.controller.hosts.reaper import JOB_ID_ENV
+from forge.controller.hosts.registry import HostRegistry
+from forge.controller.provisioner import spawn_proc_mesh
+
+logger = logging.getLogger("forge.hosts")
+
+
+# ---- the pool (client side) ----------------------------------------------------------
+
+
+class HostPool:
+    """The client's view of a pool: its job, group meshes and registry. Made by ``init_hosts``."""
+
+    def __init__(self, config: HostsConfig, job_id: str, job: Any, meshes: dict[str, Any],
+                 previous_delivery_timeout: str | None = None) -> None:
+        self.config = config
+        self._previous_delivery_timeout = previous_delivery_timeout
+        self.job_id = job_id
+        self._job = job
+        self._meshes = meshes
+        self._registry_procs: Any = None
+        self.registry: Any = None
+        self.hosts: list[HostInfo] = []
+        self._running: dict[int, tuple[Any, Any]] = {}  # services and actors placed on it: id -> (owner, stop)
+        self._reaper: subprocess.Popen | None = None  # process_job: kills the job if this client goes
+
+    def track(self, owner: Any, stop: Any) -> None:
+        """Remember a service or actor on this pool; ``shutdown`` awaits ``stop()`` if it is still running."""
+        self._running[id(owner)] = (owner, stop)
+
+    def untrack(self, owner: Any) -> None:
+        self._running.pop(id(owner), None)
+
+    @property
+    def groups(self) -> dict[str, list[HostInfo]]:
+        return {g: [h for h in self.hosts if h.group == g] for g in self._meshes}
+
+    def request(self, group: str | None, hosts: int | None, procs: int, with_gpus: bool, what: str) -> HostRequest:
+        """Check a placement against the pool before anything is spawned; ``ValueError`` says why not."""
+        groups = self.groups
+        if group is None:
+            if len(groups) != 1:
+                raise ValueError(f"{what}: hosts={hosts} needs host_group= naming one of the pool's groups "
+                                 f"{sorted(groups)}")
+            group = next(iter(groups))
+        if group not in groups:
+            raise ValueError(f"{what}: host_group={group!r} is not a group of the host pool; groups: {sorted(groups)}")
+        count = hosts or 1
+        if count > len(groups[group]):
+            raise ValueError(f"{what}: hosts={count} but group {group!r} has {len(groups[group])} host(s)")
+        if with_gpus:
+            short = [h.key for h in groups[group] if len(h.gpus) < procs]
+            if len(short) > len(groups[group]) - count:
+                raise ValueError(f"{what}: with_gpus=True and procs={procs} needs {procs} GPU(s) per host, but "
+                                 f"hosts {short} of group {group!r} have fewer")
+        return HostRequest(group, count, procs, with_gpus, self.registry, self._meshes[group],
+                           self.config.failure_timeout_s)
+
+    async def statuses(self) -> list[HostStatus]:
+        return await self.registry.statuses.call_one()
+
+    async def _start(self) -> None:
+        env = supervision_env(self.config.failure_timeout_s)  # dies with this client: no job id, no lease
+        self._registry_procs = spawn_proc_mesh(this_host(), 1, [env], name="forge_host_registry")
+        self.registry = self._registry_procs.spawn(
+            "forge_host_registry", HostRegistry, self.job_id, self.config, self._meshes,
+            self.config.source != "workers",
+        )
+        try:
+            self.hosts = await asyncio.wait_for(self.registry.start.call_one(), self.config.connect_timeout_s + 10)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"could not reach every host of the pool in {self.config.connect_timeout_s} s "
+                f"(source {self.config.source!r}, groups {self.config.groups})"
+            ) from None
+
+    async def shutdown(self) -> None:
+        """Stop every Forge process on every host, then the job's workers (unless the user runs them)."""
+        global _pool
+        if _pool is self:
+            _pool = None
+        try:
+            running = [stop for _, stop in self._running.values()]
+            self._running.clear()
+            results = await asyncio.gather(*(asyncio.wait_for(stop(), 60) for stop in running), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    logger.info("host pool shutdown: stopping a service or actor: %s", result)
+            if self.registry is not None:
+                try:
+                    await asyncio.wait_for(self.registry.release_all.call_one(), 30)
+                except Exception as e:  # the job's kill below still takes the workers down
+                    logger.warning("host pool shutdown: releasing the hosts failed: %s", e)
+            if self._registry_procs is not None:
+                try:
+                    await asyncio.wait_for(self._registry_procs.stop(), 15)
+                except Exception as e:  # a local process: it dies with this client anyway
+                    logger.info("host pool shutdown: stopping the registry: %s", e)
+        finally:
+            self.registry = self._registry_procs = None
+            if self._job is not None:
+                job, self._job = self._job, None
+                await asyncio.get_running_loop().run_in_executor(None, job.kill)
+            if self._reaper is not None:
+                self._reaper.kill()
+                self._reaper.wait()
+                self._reaper = None
+            if self._previous_delivery_timeout is not None:
+                import monarch.config
+
+                monarch.config.configure(message_delivery_timeout=self._previous_delivery_timeout)
+                self._previous_delivery_timeout = None
+
+    async def __aenter__(self) -> "HostPool":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.shutdown()
+
+
+_pool: HostPool | None = None
+
+
+def current_pool() -> HostPool | None:
+    """The pool ``init_hosts`` started in this process, if any."""
+    return _pool
+
+
+def start_reaper(job_id: str) -> subprocess.Popen:
+    """A detached process that kills this job's local processes once this client is gone."""
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "forge.controller.hosts.reaper", "--client", str(os.getpid()), "--job", job_id],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )
+
+
+def make_job(config: HostsConfig, job_id: str) -> Any:
+    """The Monarch job for a ``process_job`` or ``slurm`` config (not started yet)."""
+    from monarch.job import ProcessJob, SlurmJob
+
+    if config.source == "process_job":
+        return ProcessJob(config.host_counts(), env={JOB_ID_ENV: job_id, **supervision_env(config.failure_timeout_s)})
+    if config.source == "slurm":
+        return SlurmJob(meshes=config.host_counts(), **config.slurm)
+    raise ValueError(f"source {config.source!r} has no Monarch job")
+
+
+async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
+    """Start (or attach to) the hosts of ``config`` and make them this process's pool.
+
+    Call it before spawning anything. ``await pool.shutdown()`` (or ``shutdown_hosts()``,
+    or ``async with await init_hosts(...)``) stops every Forge process on every host.
+    """
+    global _pool
+    config = HostsConfig.parse(config)
+    if _pool is not None:
+        raise RuntimeError("a host pool is already running in this process; shut it down first")
+    if config.transport is not None:
+        from monarch.actor import enable_transport
+
+        enable_transport(config.transport)
+    import monarch.config
+
+    # A message to a dead host comes back to its sender after this (Monarch's default is
+    # 30 s); put back when the pool shuts down.
+    previous_timeout = monarch.config.get_global_config().get("message_delivery_timeout")
+    monarch.config.configure(message_delivery_timeout=f"{delivery_timeout_s(config.failure_timeout_s)}s")
+    from forge.controller.provisioner import ensure_runtime
+
+    ensure_runtime()
+    job_id = uuid.uuid4().hex[:12]
+    job = reaper = None
+    loop = asyncio.get_running_loop()
+    try:
+        if config.source == "workers":
+            from monarch.actor import attach_to_workers
+
+            meshes = {g: attach_to_workers(name=g, workers=list(addrs), ca="trust_all_connections")
+                      for g, addrs in config.groups.items()}
+            for group, mesh in meshes.items():
+                try:
+                    await asyncio.wait_for(mesh.initialized, config.connect_timeout_s)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(
+                        f"could not connect to the workers of group {group!r} {config.groups[group]} in "
+                        f"{config.connect_timeout_s} s; start each with "
+                        "`python -m forge.controller.worker --address tcp://0.0.0.0:PORT`"
+                    ) from None
+        else:
+            if config.source == "process_job":
+                reaper = start_reaper(job_id)
+            job = make_job(config, job_id)
+            state = await loop.run_in_executor(None, lambda: job.state(cached_path=None))
+            meshes = {g: getattr(state, g) for g in config.groups}
+        pool = HostPool(config, job_id, job, meshes, previous_timeout)
+        pool._reaper, reaper = reaper, None
+        job = None  # the pool owns it now
+        try:
+            await pool._start()
+        except BaseException:
+            await pool.shutdown()
+            raise
+    except BaseException:
+        if previous_timeout is not None:
+            monarch.config.configure(message_delivery_timeout=previous_timeout)
+        raise
+    finally:
+        if job is not None:
+            await loop.run_in_executor(None, job.kill)
+        if reaper is not None:
+            reaper.kill()
+            reaper.wait()
+    _pool = pool
+    return pool
+
+
+async def shutdown_hosts() -> None:
+    """Shut down this process's pool, if there is one."""
+    if _pool is not None:
+        await _pool.shutdown()

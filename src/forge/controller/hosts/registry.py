@@ -1,0 +1,287 @@
+"""``HostRegistry``: watches a pool's hosts and places replicas on them; the placement helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from monarch.actor import Actor, endpoint
+
+from forge.controller.hosts.agent import HostAgent
+from forge.controller.hosts.config import (
+    HEARTBEAT_INTERVAL_S,
+    HOST_ENV,
+    HostInfo,
+    HostRequest,
+    HostsConfig,
+    HostStatus,
+    Placement,
+    drain_s,
+)
+from forge.controller.hosts.reaper import JOB_ID_ENV
+from forge.controller.provisioner import rank_env, spawn_proc_mesh
+
+logger = logging.getLogger("forge.hosts")
+
+CHECK_TIMEOUT_S = 3.0  # bound on asking one agent anything
+
+
+# ---- the registry ------------------------------------------------------------------------
+
+
+@dataclass
+class _Host:
+    info: HostInfo
+    agent: Any
+    alive: bool = True
+    placements: int = 0
+    gpus_in_use: set[str] = field(default_factory=set)
+
+
+class HostRegistry(Actor):
+    """Owns a pool's host agents, watches the hosts and places replicas. See the module docstring."""
+
+    def __init__(self, job_id: str, config: HostsConfig, meshes: dict[str, Any], owns_allocation: bool) -> None:
+        self._job_id = job_id
+        self._config = config
+        self._meshes = meshes
+        self._owns_allocation = owns_allocation
+        self._hosts: dict[str, list[_Host]] = {}
+        self._agent_meshes: list[Any] = []
+        self._placements: dict[int, tuple[list[_Host], dict[str, list[str]]]] = {}
+        self._ids = itertools.count(1)
+        self._heartbeats: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self._last_host_death: float | None = None
+
+    @endpoint
+    async def start(self) -> list[HostInfo]:
+        """Start an agent on every host; returns what they report. Raises if a host is unreachable."""
+        for group, mesh in self._meshes.items():
+            count = self._config.host_counts()[group]
+            envs = [{JOB_ID_ENV: self._job_id, HOST_ENV: f"{group}-{i}"} for i in range(count)]
+            procs = spawn_proc_mesh(mesh, 1, envs, name=f"forge_agent_{group}")
+            self._agent_meshes.append(procs)
+            agents = procs.spawn(f"forge_agent_{group}", HostAgent, self._job_id,
+                                 self._config.lease_timeout_s, self._owns_allocation)
+            infos = await asyncio.wait_for(agents.info.call(), self._config.connect_timeout_s)
+            hosts = []
+            for i, (_, (hostname, address, gpus)) in enumerate(infos.items()):
+                info = HostInfo(f"{group}-{i}", group, i, hostname, address, tuple(gpus))
+                hosts.append(_Host(info, agents.slice(hosts=i)))
+            self._hosts[group] = hosts
+        self._heartbeats = asyncio.ensure_future(self._heartbeat_loop())
+        return [h.info for hosts in self._hosts.values() for h in hosts]
+
+    @endpoint
+    async def place(self, request: HostRequest, owner: str) -> Placement:
+        """Choose ``request.hosts`` live hosts in a row (least loaded first) and allocate their GPUs."""
+        async with self._lock:
+            hosts = self._hosts[request.group]
+            window = self._choose(hosts, request)
+            if window is None:
+                live = [h.info.key for h in hosts if h.alive]
+                raise RuntimeError(
+                    f"{owner}: no {request.hosts} live host(s) in a row in group {request.group!r}"
+                    + (f" with {request.procs} free GPU(s) each" if request.with_gpus else "")
+                    + f"; live hosts: {live or 'none'}, dead: {[h.info.key for h in hosts if not h.alive]}"
+                )
+            first = hosts.index(window[0])
+            gpus = {}
+            for host in window:
+                if request.with_gpus:
+                    free = [g for g in host.info.gpus if g not in host.gpus_in_use]
+                    gpus[host.info.key] = free[: request.procs]
+                    host.gpus_in_use.update(gpus[host.info.key])
+                host.placements += 1
+            placement_id = next(self._ids)
+            self._placements[placement_id] = (window, gpus)
+        try:
+            master_port = await asyncio.wait_for(window[0].agent.free_port.call_one(), CHECK_TIMEOUT_S)
+        except BaseException:
+            await self._release(placement_id)
+            raise
+        envs = []
+        for h, host in enumerate(window):
+            host_envs = rank_env(
+                request.procs, gpus.get(host.info.key),
+                {JOB_ID_ENV: self._job_id, HOST_ENV: host.info.key},
+            )
+            for local_rank, env in enumerate(host_envs):
+                env.update(
+                    RANK=str(h * request.procs + local_rank),
+                    WORLD_SIZE=str(len(window) * request.procs),
+                    MASTER_ADDR=window[0].info.address,
+                    MASTER_PORT=str(master_port),
+                )
+                envs.append(env)
+        logger.info("%s placed on %s", owner, [h.info.key for h in window])
+        return Placement(placement_id, request.group, first, len(window),
+                         tuple(h.info.key for h in window), tuple(envs))
+
+    @staticmethod
+    def _choose(hosts: list[_Host], request: HostRequest) -> list[_Host] | None:
+        def fits(host: _Host) -> bool:
+            if not host.alive:
+                return False
+            return not request.with_gpus or len(set(host.info.gpus) - host.gpus_in_use) >= request.procs
+
+        windows = [hosts[i : i + request.hosts] for i in range(len(hosts) - request.hosts + 1)]
+        windows = [w for w in windows if all(fits(h) for h in w)]
+        return min(windows, key=lambda w: sum(h.placements for h in w), default=None)
+
+    @endpoint
+    async def release(self, placement_id: int) -> None:
+        await self._release(placement_id)
+
+    async def _release(self, placement_id: int) -> None:
+        async with self._lock:
+            window, gpus = self._placements.pop(placement_id, ([], {}))
+            for host in window:
+                host.placements -= 1
+                host.gpus_in_use.difference_update(gpus.get(host.info.key, ()))
+
+    @endpoint
+    async def check(self, placement_id: int) -> bool:
+        """Whether every host of a placement answers now (a dead one is marked dead for everyone)."""
+        window, _ = self._placements.get(placement_id, ([], {}))
+        results = await asyncio.gather(*(self._ping(h, CHECK_TIMEOUT_S) for h in window))
+        return all(results)
+
+    @endpoint
+    async def kill(self, placement: Placement, pids: list[int]) -> None:
+        """Kill a replica's processes on their hosts (a hung replica that will not stop)."""
+        for host, host_pids in self._pids_by_host(placement, pids):
+            if host is not None and host.alive:
+                try:
+                    await asyncio.wait_for(host.agent.kill.call_one(host_pids), CHECK_TIMEOUT_S)
+                except Exception as e:  # a silent agent: its host is dying and takes the processes along
+                    logger.warning("could not kill %s on host %s: %s", host_pids, host.info.key, e)
+
+    @endpoint
+    async def alive(self, placement: Placement, pids: list[int]) -> bool:
+        """Whether every one of a replica's processes is still running (for watchdogs)."""
+        for host, host_pids in self._pids_by_host(placement, pids):
+            if host is None or not host.alive:
+                return False
+            try:
+                if not await asyncio.wait_for(host.agent.alive.call_one(host_pids), CHECK_TIMEOUT_S):
+                    return False
+            except Exception:
+                return False
+        return True
+
+    @endpoint
+    async def statuses(self) -> list[HostStatus]:
+        return [
+            HostStatus(h.info, h.alive, h.placements, tuple(sorted(h.gpus_in_use)))
+            for hosts in self._hosts.values() for h in hosts
+        ]
+
+    @endpoint
+    async def release_all(self) -> None:
+        """The job is over: agents kill what is left of it on their hosts, then stop."""
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            await asyncio.gather(self._heartbeats, return_exceptions=True)
+        await wait_for_returns(self._last_host_death, self._config.failure_timeout_s)
+        live = [h for hosts in self._hosts.values() for h in hosts if h.alive]
+        await asyncio.gather(
+            *(asyncio.wait_for(h.agent.release.call_one(), CHECK_TIMEOUT_S) for h in live),
+            return_exceptions=True,
+        )
+        for procs in self._agent_meshes:
+            try:
+                await asyncio.wait_for(procs.stop(), 10)
+            except Exception as e:  # agents on a dead host; the others released the job above
+                logger.info("stopping host agents: %s", e)
+
+    def __supervise__(self, failure: Any) -> bool:
+        """An agent's process died: its host is gone (a worker takes its processes with it)."""
+        name = str(getattr(failure, "mesh_name", ""))
+        for group, hosts in self._hosts.items():
+            if name.startswith(f"forge_agent_{group}"):
+                for host in hosts:
+                    if host.alive:
+                        self._mark_dead_if_silent(host)
+        return True
+
+    def _mark_dead_if_silent(self, host: _Host) -> None:
+        asyncio.ensure_future(self._ping(host, CHECK_TIMEOUT_S))
+
+    def _pids_by_host(self, placement: Placement, pids: list[int]) -> list[tuple[_Host | None, list[int]]]:
+        """A placement's pids (in rank order) grouped by the host each rank runs on."""
+        by_key: dict[str, list[int]] = {}
+        for rank, pid in enumerate(pids):
+            by_key.setdefault(placement.host_of_rank(rank), []).append(pid)
+        hosts = {h.info.key: h for group in self._hosts.values() for h in group}
+        return [(hosts.get(key), host_pids) for key, host_pids in by_key.items()]
+
+    async def _ping(self, host: _Host, timeout_s: float) -> bool:
+        if not host.alive:
+            return False
+        try:
+            await asyncio.wait_for(host.agent.heartbeat.call_one(), timeout_s)
+            return True
+        except Exception as e:  # silent or its process is gone
+            if host.alive:
+                host.alive = False
+                self._last_host_death = time.monotonic()
+                logger.warning("host %s (%s) is dead: %s", host.info.key, host.info.hostname, str(e).splitlines()[0][:200])
+            return False
+
+    async def _heartbeat_loop(self) -> None:
+        """Every second: tell each agent the client is alive, and notice hosts that went silent."""
+        while True:
+            hosts = [h for group in self._hosts.values() for h in group if h.alive]
+            await asyncio.gather(*(self._ping(h, self._config.failure_timeout_s) for h in hosts))
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+# ---- placing and spawning ------------------------------------------------------------
+
+
+async def place(request: HostRequest, owner: str) -> Placement:
+    """Ask the pool's registry for hosts for one replica (or actor) named ``owner``."""
+    try:
+        return await request.registry.place.call_one(request, owner)
+    except Exception as e:
+        cause = getattr(e, "exception", None)  # the registry's own error, not Monarch's wrapper
+        raise RuntimeError(str(cause) if cause is not None else f"{owner}: placing it failed: {e}") from None
+
+
+def spawn_placed(request: HostRequest, placement: Placement, name: str, extra_env: dict[str, str] | None = None) -> Any:
+    """Spawn a placement's processes: ``request.procs`` on each of its hosts, each rank with its env."""
+    mesh = request.mesh.slice(hosts=slice(placement.first, placement.first + placement.count))
+    envs = [{**env, **(extra_env or {})} for env in placement.envs]
+    return spawn_proc_mesh(mesh, request.procs, envs, name=name)
+
+
+async def release_placement(request: HostRequest, placement: Placement, kill: tuple[int, ...] | list[int] = ()) -> None:
+    """Give a placement's hosts and GPUs back, first killing ``kill`` (pids of ranks that would not stop)."""
+    try:
+        if kill:
+            await asyncio.wait_for(request.registry.kill.call_one(placement, list(kill)), 2 * CHECK_TIMEOUT_S)
+        await asyncio.wait_for(request.registry.release.call_one(placement.placement_id), CHECK_TIMEOUT_S)
+    except Exception as e:  # the registry is gone: the pool is shutting down and cleans up itself
+        logger.info("releasing placement %d: %s", placement.placement_id, e)
+
+
+async def wait_for_returns(last_host_death: float | None, failure_timeout_s: float) -> None:
+    """Stay up until messages sent to a host that died at ``last_host_death`` have come back."""
+    if last_host_death is not None:
+        await asyncio.sleep(max(0.0, last_host_death + drain_s(failure_timeout_s) - time.monotonic()))
+
+
+async def wait_if_host_died(request: HostRequest, placement: Placement) -> None:
+    """Before stopping a placement's processes: if a host of it died, wait out the returns."""
+    try:
+        alive = await asyncio.wait_for(request.registry.check.call_one(placement.placement_id), 2 * CHECK_TIMEOUT_S)
+    except Exception:  # the registry is gone: the pool is shutting down and waits itself
+        return
+    if not alive:
+        await wait_for_returns(time.monotonic(), request.failure_timeout_s)
