@@ -147,7 +147,7 @@ async def test_one_pull_per_host_even_when_two_replicas_ask_at_once(tmp_path, mo
 
 
 def test_the_reaper_kills_the_jobs_processes_once_the_client_is_gone():
-    from forge.controller.hosts.reaper import reap
+    from forge.util.reaper import reap
 
     client = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
     job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],

@@ -1,1 +1,1 @@
-"""Small shared utilities: configuration parsing."""
+"""Small shared utilities: configuration parsing, the host-pool reaper. No import-time side effects."""

@@ -13,7 +13,7 @@ import time
 
 from monarch.actor import Actor, endpoint
 
-from forge.controller.hosts.reaper import has_job_id
+from forge.util.reaper import has_job_id
 from forge.controller.provisioner import free_port, visible_gpus
 
 logger = logging.getLogger("forge.hosts")

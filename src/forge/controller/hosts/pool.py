@@ -12,7 +12,7 @@ from typing import Any
 from monarch.actor import this_host
 
 from forge.controller.hosts.config import HostInfo, HostRequest, HostsConfig, HostStatus, delivery_timeout_s, supervision_env
-from forge.controller.hosts.reaper import JOB_ID_ENV
+from forge.util.reaper import JOB_ID_ENV
 from forge.controller.hosts.registry import HostRegistry
 from forge.controller.provisioner import spawn_proc_mesh
 
@@ -145,7 +145,7 @@ def start_reaper(job_id: str) -> subprocess.Popen:
     import sys
 
     return subprocess.Popen(
-        [sys.executable, "-m", "forge.controller.hosts.reaper", "--client", str(os.getpid()), "--job", job_id],
+        [sys.executable, "-m", "forge.util.reaper", "--client", str(os.getpid()), "--job", job_id],
         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
     )
 

@@ -22,7 +22,7 @@ from forge.controller.hosts.config import (
     Placement,
     drain_s,
 )
-from forge.controller.hosts.reaper import JOB_ID_ENV
+from forge.util.reaper import JOB_ID_ENV
 from forge.controller.provisioner import rank_env, spawn_proc_mesh
 
 logger = logging.getLogger("forge.hosts")

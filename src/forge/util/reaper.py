@@ -6,7 +6,7 @@ crashed, or exited without ``pool.shutdown()`` — it kills every process on thi
 whose environment carries the job's ``FORGE_JOB_ID`` (workers included), then exits.
 Monarch alone would leave ProcessJob workers running: they live in sessions of their own.
 
-    python -m forge.controller.hosts.reaper --client PID --job JOB_ID
+    python -m forge.util.reaper --client PID --job JOB_ID
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def reap(client_pid: int, job_id: str, interval_s: float = 0.5) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m forge.controller.hosts.reaper", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m forge.util.reaper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--client", type=int, required=True, help="pid of the client process to watch")
     parser.add_argument("--job", required=True, help="the pool's FORGE_JOB_ID")
     args = parser.parse_args(argv)
