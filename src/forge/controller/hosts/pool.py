@@ -174,7 +174,14 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
     if config.transport is not None:
         from monarch.actor import enable_transport
 
-        enable_transport(config.transport)
+        try:
+            enable_transport(config.transport)
+        except Exception as e:
+            raise RuntimeError(
+                f"hosts.transport={config.transport!r} could not be enabled ({e}); Monarch takes it only before "
+                "its first use in this process, so call init_hosts before spawning anything. On a host whose "
+                "name resolves only to loopback use an explicit address, e.g. tcp://10.0.0.5:0"
+            ) from None
     import monarch.config
 
     # A message to a dead host comes back to its sender after this (Monarch's default is
