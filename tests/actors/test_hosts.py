@@ -201,7 +201,7 @@ async def test_a_killed_clients_processes_on_hand_started_workers_go_and_the_wor
     ports = [free_port(), free_port()]
     workers = [start_worker(p) for p in ports]
     script = tmp_path / "client.py"
-    script.write_text(LEASE_CLIENT.format(root=str(ROOT), lease=4, crash=False,
+    script.write_text(LEASE_CLIENT.format(root=str(ROOT), lease=8, crash=False,
                                           workers=[f"tcp://127.0.0.1:{p}" for p in ports]))
     client = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, env=dict(os.environ))
@@ -212,7 +212,7 @@ async def test_a_killed_clients_processes_on_hand_started_workers_go_and_the_wor
         client.send_signal(signal.SIGKILL)
         client.wait(10)
         worker_pids = {w.pid for w in workers}
-        assert wait_until(lambda: set(procs_with_env("FORGE_TEST_TAG", tag)) == worker_pids, 20, 0.2)
+        assert wait_until(lambda: set(procs_with_env("FORGE_TEST_TAG", tag)) == worker_pids, 30, 0.2)
         assert all(w.poll() is None for w in workers)  # the user's workers stay up for the next job
     finally:
         if client.poll() is None:

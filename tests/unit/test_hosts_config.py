@@ -21,7 +21,7 @@ from forge.weights.store import WeightStore
     ({"groups": {"a": 0}}, "hosts.groups.a must be a number of hosts >= 1, got 0"),
     ({"groups": {"1bad": 1}}, "group name '1bad' must be a letter"),
     ({"source": "workers", "groups": {"gen": 2}}, r"needs a list of worker addresses such as \['tcp://node1:26600'\]"),
-    ({"groups": {"a": 1}, "lease_timeout_s": 1}, "lease_timeout_s must be > 2.0 s"),
+    ({"groups": {"a": 1}, "lease_timeout_s": 6}, r"lease_timeout_s must be > failure_timeout_s \+ 2.0 s \(= 7.0"),
     ({"groups": {"a": 1}, "failure_timeout_s": 0}, "failure_timeout_s must be a positive number"),
     ({"groups": {"a": 1}, "slurm": {"partition": "gpu"}}, "hosts.slurm is only used with source 'slurm'"),
     ({"source": "slurm", "groups": {"a": 1}, "slurm": {"partiton": "gpu"}}, r"unknown SlurmJob option\(s\) \['partiton'\]"),
@@ -134,16 +134,30 @@ async def test_one_pull_per_host_even_when_two_replicas_ask_at_once(tmp_path, mo
     monkeypatch.setenv("FORGE_HOST", "gen-0")
     replica_1, replica_2 = WeightStore("run2", tmp_path), WeightStore("run2", tmp_path)
     source = _Publisher(trainer_store)
-    paths = await asyncio.gather(replica_1.fetch(3, source, chunk_bytes=1024),
-                                 replica_2.fetch(3, source, chunk_bytes=1024))
-    assert paths[0] == paths[1]
+    pulled = await asyncio.gather(replica_1.fetch(3, source, chunk_bytes=1024),
+                                  replica_2.fetch(3, source, chunk_bytes=1024))
     size = trainer_store.published_size(3)
+    assert sorted(pulled) == [0, size]  # one replica pulled, the other used its copy
     assert len(source.calls) == 1 + -(-size // 1024)  # one size query and one pull's chunks, not two
     loaded = replica_2.read(3)
     assert all(torch.equal(loaded[k], v) for k, v in weights.items())
     for store in (replica_1, replica_2, trainer_store):
         store.close()
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # the pull lock file too
+
+
+def test_a_pull_lock_left_by_a_killed_process_is_swept_but_a_held_one_is_not(tmp_path):
+    import fcntl
+
+    from forge.weights.store import sweep_stale_segments
+
+    left = tmp_path / ".forge-w.run3@gen-0.fetch.lock"
+    left.touch()
+    held = tmp_path / ".forge-w.run4@gen-0.fetch.lock"
+    with open(held, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert sweep_stale_segments(tmp_path) == [left]
+        assert held.exists()
 
 
 def test_the_reaper_kills_the_jobs_processes_once_the_client_is_gone():

@@ -173,9 +173,10 @@ class Policy(ForgeActor):
             return int(policy_version)
         if source is not None and self.store.find(int(policy_version)) is None:
             started = time.monotonic()
-            path = await self.store.fetch(int(policy_version), source)
-            record_metric("weight_sync/pulled_mb", path.stat().st_size / 1e6, "sum")
-            record_metric("weight_sync/pull_s", time.monotonic() - started, "max")
+            pulled = await self.store.fetch(int(policy_version), source)
+            if pulled:  # 0: another replica of this host pulled it
+                record_metric("weight_sync/pulled_mb", pulled / 1e6, "sum")
+                record_metric("weight_sync/pull_s", time.monotonic() - started, "max")
         await self.store.wait_for(int(policy_version))  # never block this replica's event loop
         with self.store.open(int(policy_version)) as published:
             await self._engine.update_weights(published, int(policy_version))

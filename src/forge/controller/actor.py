@@ -343,8 +343,11 @@ async def actor_alive(actor: Any) -> bool:
     if resources is None:
         raise ForgeUsageError(f"actor_alive() got {actor!r}, which is not a running actor from as_actor()")
     if resources.placement is not None:
+        call = resources.request.registry.alive.call_one(resources.placement, list(resources.pids))
         try:
-            return await resources.request.registry.alive.call_one(resources.placement, list(resources.pids))
+            return await asyncio.wait_for(call, 30)  # a registry silent this long raises TimeoutError
+        except asyncio.TimeoutError:
+            raise
         except Exception:  # the registry is gone: the pool is shutting down
             return False
     return all(pid_alive(p) for p in resources.pids)
@@ -371,10 +374,12 @@ class _ActorResources:
                 await wait_if_host_died(self.request, self.placement)
             if self.proc_mesh is not None:
                 if graceful:
-                    await self.proc_mesh.stop()
+                    await asyncio.wait_for(self.proc_mesh.stop(), 30)
+                    stopped = True
                 else:
-                    await _stop_quietly(self.proc_mesh)
-            stopped = True
+                    stopped = await _stop_quietly(self.proc_mesh)
+            else:
+                stopped = True
         finally:
             if self.placement is not None:
                 await release_placement(self.request, self.placement, () if stopped else self.pids)
@@ -406,8 +411,11 @@ class _ServiceOwner:
             self._gpus = []
 
 
-async def _stop_quietly(proc_mesh: Any) -> None:
+async def _stop_quietly(proc_mesh: Any) -> bool:
+    """Stop a proc mesh that may be broken; whether Monarch stopped it."""
     try:
         await asyncio.wait_for(proc_mesh.stop(), 30)
+        return True
     except Exception as e:  # already broken: its processes are gone or going
         logger.info("stopping a proc mesh: %s", e)
+        return False

@@ -122,7 +122,24 @@ def sweep_stale_segments(directory: Path | None = None) -> list[Path]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
+        elif path.name.endswith(".fetch.lock") and _remove_if_unlocked(path):
+            removed.append(path)  # a pull lock left by a killed process
     return removed
+
+
+def _remove_if_unlocked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink()
+        return True
+    except (BlockingIOError, FileNotFoundError):
+        return False
+    finally:
+        os.close(fd)
 
 
 class WeightStore:
@@ -204,8 +221,7 @@ class WeightStore:
             segment.destroy()
         self._published.clear()
         self._idle.clear()
-        with contextlib.suppress(FileNotFoundError):
-            self._fetch_lock_path().unlink()
+        self._remove_fetch_lock()
 
     # ---- reading (the generators) ------------------------------------------------
 
@@ -224,7 +240,8 @@ class WeightStore:
     def published_size(self, version: int) -> int:
         return self._published_segment(version).size
 
-    async def fetch(self, version: int, source: Any, chunk_bytes: int = 64 << 20, in_flight: int = 4) -> Path:
+    async def fetch(self, version: int, source: Any, chunk_bytes: int = 64 << 20, in_flight: int = 4,
+                    timeout_s: float = 600.0) -> int:
         """Copy ``version`` from a publisher on another host into this host's store.
 
         ``source`` is an actor (mesh) with ``weights_size(version)`` and
@@ -232,14 +249,15 @@ class WeightStore:
         travels through Monarch in chunks, ``in_flight`` at a time, into a local segment
         that is renamed into place when complete, so the replicas of this host then load it
         from shared memory like a local version. One process of a host pulls at a time: a
-        replica that finds the version already pulled by another uses that copy.
+        replica that finds the version already pulled by another uses that copy. Returns
+        the bytes this call pulled (0 when another process had). ``timeout_s`` bounds the
+        wait for the lock and each message.
         """
-        lock = await self._fetch_lock()
+        lock = await self._fetch_lock(timeout_s)
         try:
-            existing = self.find(version)
-            if existing is not None:
-                return existing
-            return await self._pull(version, source, chunk_bytes, in_flight)
+            if self.find(version) is not None:
+                return 0
+            return await self._pull(version, source, chunk_bytes, in_flight, timeout_s)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
             os.close(lock)
@@ -247,30 +265,60 @@ class WeightStore:
     def _fetch_lock_path(self) -> Path:
         return self.directory / f".{PREFIX}.{self._key}.fetch.lock"
 
-    async def _fetch_lock(self) -> int:
-        """This host's pull lock for the store (an exclusive flock, waited for without blocking the loop)."""
-        fd = os.open(self._fetch_lock_path(), os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return fd
-                except BlockingIOError:
-                    await asyncio.sleep(0.02)
-        except BaseException:
-            os.close(fd)
-            raise
+    async def _fetch_lock(self, timeout_s: float) -> int:
+        """This host's pull lock of the store: an exclusive flock, waited for without blocking the loop.
 
-    async def _pull(self, version: int, source: Any, chunk_bytes: int, in_flight: int) -> Path:
+        The lock file may be removed (``close``, ``sweep_stale_segments``) by whoever holds
+        the lock; a waiter that then locks the removed file tries again on the current one.
+        """
+        deadline = time.monotonic() + timeout_s
+        path = self._fetch_lock_path()
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(
+                                f"weights of store {self.name!r}: another process on this host held the pull lock "
+                                f"{path} for more than {timeout_s} s"
+                            ) from None
+                        await asyncio.sleep(0.02)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # locked a file that was removed meanwhile: lock the current one
+
+    def _remove_fetch_lock(self) -> None:
+        """Remove the pull lock file unless another process holds it (then it removes it later)."""
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(self._fetch_lock_path(), os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fetch_lock_path().unlink()
+            except BlockingIOError:
+                pass  # a pull is running; its process will close its store too
+            finally:
+                os.close(fd)
+
+    async def _pull(self, version: int, source: Any, chunk_bytes: int, in_flight: int, timeout_s: float) -> int:
         if hasattr(source, "size") and callable(source.size) and source.size() > 1:
             source = source.slice(**{dim: 0 for dim in source.extent.keys()})  # rank 0 publishes
-        size = await source.weights_size.call_one(version)
+        size = await asyncio.wait_for(source.weights_size.call_one(version), timeout_s)
         with self._new_version(size, version) as buffer:
             limit = asyncio.Semaphore(in_flight)
 
             async def pull(offset: int) -> None:
                 async with limit:
-                    data = await source.weights_chunk.call_one(version, offset, min(chunk_bytes, size - offset))
+                    data = await asyncio.wait_for(
+                        source.weights_chunk.call_one(version, offset, min(chunk_bytes, size - offset)), timeout_s
+                    )
                 buffer[offset : offset + len(data)] = data
 
             pulls = [asyncio.ensure_future(pull(o)) for o in range(0, size, chunk_bytes)]
@@ -281,7 +329,7 @@ class WeightStore:
                     task.cancel()
                 await asyncio.gather(*pulls, return_exceptions=True)
                 raise
-        return self._published[-1].path
+        return size
 
     def _retire(self, segment: _Segment) -> None:
         """Record a new version's segment and hide the versions beyond ``keep``."""

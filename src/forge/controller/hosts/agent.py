@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 
@@ -70,11 +69,13 @@ def pid_alive(pid: int) -> bool:
 class HostAgent(Actor):
     """Forge's agent on one host. See the module docstring."""
 
-    def __init__(self, job_id: str, lease_timeout_s: float, owns_allocation: bool) -> None:
+    def __init__(self, job_id: str, lease_timeout_s: float, first_heartbeat_timeout_s: float,
+                 owns_allocation: bool) -> None:
         self._job_id = job_id
         self._lease_timeout_s = lease_timeout_s
         self._owns_allocation = owns_allocation
-        self._last_heard = time.monotonic()
+        # The pool may still be connecting to other hosts: the first heartbeat gets longer.
+        self._last_heard = time.monotonic() + first_heartbeat_timeout_s - lease_timeout_s
         self._released = False
         threading.Thread(target=self._watch_lease, name="forge-lease", daemon=True).start()
 
@@ -120,7 +121,4 @@ class HostAgent(Actor):
         kill_pids(mine)
         if self._owns_allocation and has_job_id(os.getppid(), self._job_id):
             kill_pids([os.getppid()])  # a worker Forge started itself (ProcessJob)
-        if self._owns_allocation and os.environ.get("SLURM_JOB_ID"):
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(["scancel", os.environ["SLURM_JOB_ID"]], timeout=30, check=False)
         os._exit(0)

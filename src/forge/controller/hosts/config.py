@@ -70,9 +70,12 @@ class HostsConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"hosts.{name} must be a positive number of seconds, got {value!r}")
-        if self.lease_timeout_s <= 2 * HEARTBEAT_INTERVAL_S:
-            raise ValueError(f"hosts.lease_timeout_s must be > {2 * HEARTBEAT_INTERVAL_S} s (heartbeats come every "
-                             f"{HEARTBEAT_INTERVAL_S} s), got {self.lease_timeout_s}")
+        if self.lease_timeout_s <= self.failure_timeout_s + 2 * HEARTBEAT_INTERVAL_S:
+            raise ValueError(
+                f"hosts.lease_timeout_s must be > failure_timeout_s + {2 * HEARTBEAT_INTERVAL_S} s "
+                f"(= {self.failure_timeout_s + 2 * HEARTBEAT_INTERVAL_S}: one heartbeat may take failure_timeout_s), "
+                f"got {self.lease_timeout_s}"
+            )
         if self.slurm and self.source != "slurm":
             raise ValueError(f"hosts.slurm is only used with source 'slurm', not {self.source!r}")
         if self.source == "slurm":

@@ -54,7 +54,7 @@ class HostRegistry(Actor):
         self._agent_meshes: list[Any] = []
         self._placements: dict[int, tuple[list[_Host], dict[str, list[str]]]] = {}
         self._ids = itertools.count(1)
-        self._heartbeats: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # heartbeat loops and checks; cancelled by release_all
         self._lock = asyncio.Lock()
         self._last_host_death: float | None = None
 
@@ -66,15 +66,17 @@ class HostRegistry(Actor):
             envs = [{JOB_ID_ENV: self._job_id, HOST_ENV: f"{group}-{i}"} for i in range(count)]
             procs = spawn_proc_mesh(mesh, 1, envs, name=f"forge_agent_{group}")
             self._agent_meshes.append(procs)
-            agents = procs.spawn(f"forge_agent_{group}", HostAgent, self._job_id,
-                                 self._config.lease_timeout_s, self._owns_allocation)
+            agents = procs.spawn(f"forge_agent_{group}", HostAgent, self._job_id, self._config.lease_timeout_s,
+                                 self._config.connect_timeout_s + self._config.lease_timeout_s,
+                                 self._owns_allocation)
             infos = await asyncio.wait_for(agents.info.call(), self._config.connect_timeout_s)
             hosts = []
             for i, (_, (hostname, address, gpus)) in enumerate(infos.items()):
                 info = HostInfo(f"{group}-{i}", group, i, hostname, address, tuple(gpus))
                 hosts.append(_Host(info, agents.slice(hosts=i)))
             self._hosts[group] = hosts
-        self._heartbeats = asyncio.ensure_future(self._heartbeat_loop())
+            for host in hosts:  # each host's lease starts being renewed as soon as it is known
+                self._own(self._heartbeat_loop(host))
         return [h.info for hosts in self._hosts.values() for h in hosts]
 
     @endpoint
@@ -89,6 +91,12 @@ class HostRegistry(Actor):
                     f"{owner}: no {request.hosts} live host(s) in a row in group {request.group!r}"
                     + (f" with {request.procs} free GPU(s) each" if request.with_gpus else "")
                     + f"; live hosts: {live or 'none'}, dead: {[h.info.key for h in hosts if not h.alive]}"
+                )
+            if len(window) > 1 and self._config.source != "process_job" and window[0].info.address.startswith("127."):
+                raise RuntimeError(
+                    f"{owner}: host {window[0].info.key} ({window[0].info.hostname}) resolves its own name to "
+                    f"loopback, so ranks on other hosts could not reach it as MASTER_ADDR; set FORGE_HOST_ADDR "
+                    "to its cluster address in that worker's environment"
                 )
             first = hosts.index(window[0])
             gpus = {}
@@ -149,7 +157,7 @@ class HostRegistry(Actor):
     async def check(self, placement_id: int) -> bool:
         """Whether every host of a placement answers now (a dead one is marked dead for everyone)."""
         window, _ = self._placements.get(placement_id, ([], {}))
-        results = await asyncio.gather(*(self._ping(h, CHECK_TIMEOUT_S) for h in window))
+        results = await asyncio.gather(*(self._ping(h) for h in window))
         return all(results)
 
     @endpoint
@@ -185,9 +193,9 @@ class HostRegistry(Actor):
     @endpoint
     async def release_all(self) -> None:
         """The job is over: agents kill what is left of it on their hosts, then stop."""
-        if self._heartbeats is not None:
-            self._heartbeats.cancel()
-            await asyncio.gather(self._heartbeats, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await wait_for_returns(self._last_host_death, self._config.failure_timeout_s)
         live = [h for hosts in self._hosts.values() for h in hosts if h.alive]
         await asyncio.gather(
@@ -211,7 +219,12 @@ class HostRegistry(Actor):
         return True
 
     def _mark_dead_if_silent(self, host: _Host) -> None:
-        asyncio.ensure_future(self._ping(host, CHECK_TIMEOUT_S))
+        self._own(self._ping(host))
+
+    def _own(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _pids_by_host(self, placement: Placement, pids: list[int]) -> list[tuple[_Host | None, list[int]]]:
         """A placement's pids (in rank order) grouped by the host each rank runs on."""
@@ -221,24 +234,27 @@ class HostRegistry(Actor):
         hosts = {h.info.key: h for group in self._hosts.values() for h in group}
         return [(hosts.get(key), host_pids) for key, host_pids in by_key.items()]
 
-    async def _ping(self, host: _Host, timeout_s: float) -> bool:
+    async def _ping(self, host: _Host) -> bool:
+        """Renew the host's lease; a host silent for ``failure_timeout_s`` is marked dead for good."""
         if not host.alive:
             return False
         try:
-            await asyncio.wait_for(host.agent.heartbeat.call_one(), timeout_s)
+            await asyncio.wait_for(host.agent.heartbeat.call_one(), self._config.failure_timeout_s)
             return True
-        except Exception as e:  # silent or its process is gone
+        except Exception as e:  # silent (TimeoutError has no message) or its process is gone
             if host.alive:
                 host.alive = False
                 self._last_host_death = time.monotonic()
-                logger.warning("host %s (%s) is dead: %s", host.info.key, host.info.hostname, str(e).splitlines()[0][:200])
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                logger.warning("host %s (%s) is dead: %s", host.info.key, host.info.hostname, reason)
             return False
 
-    async def _heartbeat_loop(self) -> None:
-        """Every second: tell each agent the client is alive, and notice hosts that went silent."""
-        while True:
-            hosts = [h for group in self._hosts.values() for h in group if h.alive]
-            await asyncio.gather(*(self._ping(h, self._config.failure_timeout_s) for h in hosts))
+    async def _heartbeat_loop(self, host: _Host) -> None:
+        """Every second, until the host is dead: tell its agent the client is alive.
+
+        One loop per host, so a slow host never delays the heartbeats of the others.
+        """
+        while await self._ping(host):
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
 
@@ -246,12 +262,31 @@ class HostRegistry(Actor):
 
 
 async def place(request: HostRequest, owner: str) -> Placement:
-    """Ask the pool's registry for hosts for one replica (or actor) named ``owner``."""
+    """Ask the pool's registry for hosts for one replica (or actor) named ``owner``.
+
+    If the caller is cancelled while the registry is placing, the placement is released
+    when it arrives, so its hosts and GPUs are not lost.
+    """
+    call = asyncio.ensure_future(asyncio.wait_for(request.registry.place.call_one(request, owner), 60))
     try:
-        return await request.registry.place.call_one(request, owner)
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        call.add_done_callback(lambda done: _release_late(request, done))
+        raise
     except Exception as e:
         cause = getattr(e, "exception", None)  # the registry's own error, not Monarch's wrapper
-        raise RuntimeError(str(cause) if cause is not None else f"{owner}: placing it failed: {e}") from None
+        raise RuntimeError(str(cause) if cause is not None else f"{owner}: placing it failed: {e!r}") from None
+
+
+_late_releases: set[asyncio.Task] = set()  # releases of placements whose caller was cancelled
+
+
+def _release_late(request: HostRequest, done: asyncio.Future) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    task = asyncio.ensure_future(release_placement(request, done.result()))
+    _late_releases.add(task)
+    task.add_done_callback(_late_releases.discard)
 
 
 def spawn_placed(request: HostRequest, placement: Placement, name: str, extra_env: dict[str, str] | None = None) -> Any:

@@ -233,15 +233,17 @@ class ServiceController(Actor):
     async def _stop_replica(self, replica: _Replica) -> None:
         """Stop a replica's processes; kill them outright if Monarch cannot stop them in time."""
         mesh, pids, placement = replica.proc_mesh, replica.pids, replica.placement
-        replica.proc_mesh, replica.actors, replica.pids, replica.placement = None, None, (), None
         if placement is not None and not await self._hosts_alive(placement):
-            # Its host is gone and its processes with it: rebuild now, stop the mesh later
-            # (once Monarch has returned what was sent to the dead host; see drain_s).
+            # A host of it is gone, and its processes with it: kill the ranks left on live hosts,
+            # free the placement, rebuild now; stop the mesh once Monarch has returned what was
+            # sent to the dead host (see drain_s).
+            replica.proc_mesh, replica.actors, replica.pids, replica.placement = None, None, (), None
             self._last_host_death = time.monotonic()
+            await release_placement(self._spec.hosts, placement, pids)
             if mesh is not None:
                 self._own(asyncio.ensure_future(self._stop_after_returns(mesh, self._last_host_death)))
-            await release_placement(self._spec.hosts, placement)
             return
+        replica.proc_mesh, replica.actors, replica.pids, replica.placement = None, None, (), None
         stopped = False
         try:
             if mesh is not None:
