@@ -257,3 +257,28 @@ async def test_workers_started_by_hand_serve_a_job_and_stay_up_empty_afterwards(
 
 def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+async def test_a_data_parallel_trainer_spanning_two_hosts_matches_one_process(tag):
+    import torch
+
+    from forge.actors.trainer import RLTrainer
+    from tests.actors.test_trainer import MODEL, make_batch
+
+    pool = await init_hosts({"source": "process_job", "groups": {"train": 2}})
+    config = dict(model=MODEL, optimizer={"name": "AdamW", "lr": 1e-2},
+                  training={"local_batch_size": 4, "seq_len": 64}, loss={"normalization": "grpo"})
+    single = await RLTrainer.options(procs=1).as_actor(**config)
+    try:
+        spanning = await RLTrainer.options(procs=1, hosts=2, host_group="train").as_actor(**config)  # FSDP2, 2 hosts
+        for step in range(2):
+            inputs, targets = make_batch(4, seed=step)
+            loss = await single.train_step.call_one(inputs, targets)
+            losses = [v for _, v in (await spanning.train_step.call(inputs, targets)).items()]
+            assert losses == pytest.approx([loss] * 2, abs=1e-5)
+        expected = await single.weights.call_one()
+        got = next(iter((await spanning.weights.call()).values()))
+        assert all(torch.allclose(v, got[k], atol=1e-4) for k, v in expected.items())
+    finally:
+        await RLTrainer.shutdown(single)
+        await pool.shutdown()  # also stops the spanning trainer, still running on the pool
