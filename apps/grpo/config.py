@@ -71,7 +71,8 @@ class PolicyConfig:
 
 @dataclass
 class TrainerConfig:
-    procs: int = 1
+    procs: int = 1  # data-parallel ranks per host
+    hosts: int = 1  # hosts the trainer spans (> 1 needs placement.trainer); ranks = procs * hosts
     with_gpus: bool = False
     optimizer: dict = field(default_factory=lambda: {"name": "AdamW", "lr": 3e-3})
     training: dict = field(default_factory=lambda: {"local_batch_size": 128, "seq_len": 64, "max_norm": 1.0})
@@ -80,6 +81,10 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         LossConfig(**self.loss)
+
+    @property
+    def num_ranks(self) -> int:
+        return self.procs * self.hosts
 
 
 @dataclass
@@ -128,10 +133,12 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (GRPO compares samples of one prompt), got {self.group_size}")
-        if self.replay_buffer.batch_size % self.trainer.procs:
+        if self.trainer.hosts < 1:
+            raise ValueError(f"trainer.hosts must be >= 1, got {self.trainer.hosts}")
+        if self.replay_buffer.batch_size % self.trainer.num_ranks:
             raise ValueError(
-                f"replay_buffer.batch_size={self.replay_buffer.batch_size} must be divisible by trainer.procs="
-                f"{self.trainer.procs} (each data-parallel rank trains on an equal share)")
+                f"replay_buffer.batch_size={self.replay_buffer.batch_size} must be divisible by trainer.procs * "
+                f"trainer.hosts = {self.trainer.num_ranks} (each data-parallel rank trains on an equal share)")
         self._validate_placement()
         unknown = sorted(set(self.metrics) - {"console", "jsonl", "tensorboard", "wandb"})
         if unknown:
@@ -143,14 +150,20 @@ class GRPOConfig:
         unknown = sorted(set(self.placement) - set(PARTS))
         if unknown:
             raise ValueError(f"placement: unknown part(s) {unknown}; parts are {list(PARTS)}")
+        if self.trainer.hosts > 1 and "trainer" not in self.placement:
+            raise ValueError(f"trainer.hosts={self.trainer.hosts} needs placement.trainer naming a host group")
         if self.hosts is None:
             if self.placement:
                 raise ValueError("placement names host groups, but there is no hosts: section to define them")
             return
-        groups = HostsConfig.parse(self.hosts).groups  # raises ValueError naming the bad field
+        sizes = HostsConfig.parse(self.hosts).host_counts()  # raises ValueError naming the bad field
         for part, group in self.placement.items():
-            if group not in groups:
-                raise ValueError(f"placement.{part}: {group!r} is not a group of hosts.groups {sorted(groups)}")
+            if group not in sizes:
+                raise ValueError(f"placement.{part}: {group!r} is not a group of hosts.groups {sorted(sizes)}")
+        trainer_group = self.placement.get("trainer")
+        if trainer_group is not None and self.trainer.hosts > sizes[trainer_group]:
+            raise ValueError(f"trainer.hosts={self.trainer.hosts} but group {trainer_group!r} has "
+                             f"{sizes[trainer_group]} host(s)")
 
     def engine_config(self) -> dict[str, Any]:
         return {"model": self.model, **self.policy.engine}

@@ -108,13 +108,14 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
         Policy.options(procs=cfg.policy.procs, with_gpus=cfg.policy.with_gpus,
                        num_replicas=cfg.policy.num_replicas, **on("policy")).as_service(
             engine_config=cfg.engine_config(), sampling_config=cfg.sampling_config(), weight_store=store),
-        RLTrainer.options(procs=cfg.trainer.procs, with_gpus=cfg.trainer.with_gpus, **on("trainer")).as_actor(
+        RLTrainer.options(procs=cfg.trainer.procs, with_gpus=cfg.trainer.with_gpus,
+                          **on("trainer"), **({"hosts": cfg.trainer.hosts} if cfg.trainer.hosts > 1 else {})).as_actor(
             model=cfg.model_spec(), optimizer=cfg.trainer.optimizer, training=cfg.trainer.training,
             loss=cfg.trainer.loss, lr_scheduler=cfg.trainer.lr_scheduler, weight_store=store,
             checkpoint={"folder": None}),
         ReplayBuffer.options(procs=1, **on("replay_buffer")).as_actor(
             batch_size=cfg.replay_buffer.batch_size, max_policy_age=cfg.replay_buffer.max_policy_age,
-            dp_size=cfg.trainer.procs, max_buffer_size=cfg.replay_buffer.max_buffer_size,
+            dp_size=cfg.trainer.num_ranks, max_buffer_size=cfg.replay_buffer.max_buffer_size,
             max_resample=cfg.replay_buffer.max_resample, seed=cfg.run.seed),
         ComputeAdvantages.options(procs=1, **on("compute_advantages")).as_actor(scale_by_std=cfg.scale_advantages_by_std),
         ReferenceModel.options(procs=1, num_replicas=cfg.ref_model_replicas,

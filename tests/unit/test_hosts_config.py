@@ -75,6 +75,12 @@ def test_grpo_placement_must_name_known_parts_and_groups():
         build(GRPOConfig, {"hosts": hosts, "placement": {"trainer": "gpu"}})
     with pytest.raises(ValueError, match="there is no hosts: section"):
         build(GRPOConfig, {"placement": {"trainer": "gen"}})
+    with pytest.raises(ValueError, match="trainer.hosts=2 needs placement.trainer"):
+        build(GRPOConfig, {"hosts": hosts, "trainer": {"hosts": 2}})
+    with pytest.raises(ValueError, match=r"divisible by trainer.procs \* trainer.hosts = 6"):
+        build(GRPOConfig, {"hosts": hosts, "placement": {"trainer": "train"}, "trainer": {"procs": 3, "hosts": 2}})
+    with pytest.raises(ValueError, match="trainer.hosts=2 but group 'train' has 1 host"):
+        build(GRPOConfig, {"hosts": hosts, "placement": {"trainer": "train"}, "trainer": {"hosts": 2}})
     with pytest.raises(ValueError, match="hosts.groups.gen must be a number of hosts"):
         build(GRPOConfig, {"hosts": {"groups": {"gen": "two"}}})
 
