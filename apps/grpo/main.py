@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import random
-import signal
 import sys
 import time
 from datetime import datetime
@@ -56,10 +54,10 @@ from apps.grpo.actors import (  # noqa: F401  (the seeds import these from apps.
 )
 from apps.grpo.config import GRPOConfig
 from forge.actors.policy import Policy
-from forge.controller import actor_alive, init_hosts
 from forge.actors.reference_model import ReferenceModel
 from forge.actors.replay_buffer import ReplayBuffer
 from forge.actors.trainer import RLTrainer, save_atomically
+from forge.controller import actor_alive, init_hosts
 from forge.data.rewards import MathReward
 from forge.observability import drain_local_metrics, merge_metrics, record_metric
 from forge.observability.logger import RunLogger, plot_curves
@@ -99,7 +97,7 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
     def on(part: str) -> dict[str, Any]:  # the host group of a part, if placement: names one
         return {"host_group": cfg.placement[part]} if part in cfg.placement else {}
 
-    dataloader, policy, trainer, buffer, advantages, ref_model, reward = await asyncio.gather(
+    started = await asyncio.gather(
         DatasetActor.options(procs=1, **on("dataloader")).as_actor(
             path=data.source, data_split=data.split, model=cfg.model, question_field=data.question_field,
             answer_field=data.answer_field, seed=cfg.run.seed, use_chat_template=data.use_chat_template,
@@ -122,17 +120,26 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
                                with_gpus=cfg.trainer.with_gpus, **on("ref_model")).as_service(model=cfg.model_spec()),
         RewardActor.options(procs=1, num_replicas=cfg.reward.num_replicas, **on("reward")).as_service(
             reward_functions=reward_fns, weights=cfg.reward.weights),
+        return_exceptions=True,
     )
-    return Services(dataloader, policy, trainer, buffer, advantages, ref_model, reward)
+    failed = [r for r in started if isinstance(r, BaseException)]
+    if failed:  # stop the parts that did start before reporting the first failure
+        await _stop_parts([r for r in started if not isinstance(r, BaseException)])
+        raise failed[0]
+    return Services(*started)
 
 
 async def stop_services(services: Services | None) -> None:
-    if services is None:
-        return
-    stops = [svc.shutdown() for svc in services.services().values()]
-    stops += [type_.shutdown(actor) for type_, actor in (
-        (DatasetActor, services.dataloader), (RLTrainer, services.trainer), (ReplayBuffer, services.replay_buffer),
-        (ComputeAdvantages, services.compute_advantages))]
+    if services is not None:
+        await _stop_parts([getattr(services, f.name) for f in dataclasses.fields(services)])
+
+
+async def _stop_parts(parts: list[Any]) -> None:
+    """Shut services and actors down concurrently, each bounded; failures are logged."""
+    from forge.controller import ForgeActor
+    from forge.controller.service.handle import ServiceHandle
+
+    stops = [p.shutdown() if isinstance(p, ServiceHandle) else ForgeActor.shutdown(p) for p in parts]
     results = await asyncio.gather(*(asyncio.wait_for(s, 15) for s in stops), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
@@ -449,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     except ActorDied as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # bad input found while placing the parts (e.g. GPUs a host does not have)
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
     print(f"\ndone: {summary['reason']}")
     print(f"steps {summary['steps']}, {summary['wall_s']:.0f} s (startup {summary['startup_s']:.0f} s); "
           f"mean reward {summary['final_mean_reward']:.3f}; eval accuracy "
