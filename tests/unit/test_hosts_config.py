@@ -36,7 +36,10 @@ def test_a_slurm_config_becomes_a_monarch_slurm_job_without_submitting_anything(
     config = HostsConfig.parse({"source": "slurm", "groups": {"gen": 2, "train": 4},
                                 "slurm": {"partition": "gpu", "time_limit": "02:00:00", "gpus_per_node": 8,
                                           "account": "rl", "slurm_args": ["--constraint=h100"]}})
-    job = make_job(config, "abc")
+    from monarch.config import configured
+
+    with configured():  # SlurmJob switches this process's default transport to TCP; undo it for later tests
+        job = make_job(config, "abc")
     assert type(job).__name__ == "SlurmJob"
     assert job._meshes == {"gen": 2, "train": 4}
     assert (job._partition, job._time_limit, job._gpus_per_node, job._account) == ("gpu", "02:00:00", 8, "rl")
