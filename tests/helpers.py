@@ -43,16 +43,7 @@ def _live_monarch_pids():
 
 def monarch_procs_with_env(key: str, value: str) -> list[int]:
     """Live Monarch worker processes whose environment has ``key=value``."""
-    needle = f"{key}={value}".encode()
-    found = []
-    for pid in _live_monarch_pids():
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle in env:
-            found.append(pid)
-    return found
+    return [pid for pid in procs_with_env(key, value) if BOOTSTRAP in _cmdline(pid)]
 
 
 def monarch_descendants(root: int | None = None) -> list[int]:

@@ -23,6 +23,7 @@ import inspect
 import itertools
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,8 +38,9 @@ from forge.controller.hosts import (
     place,
     release_placement,
     spawn_placed,
+    placement_alive,
     supervision_env,
-    wait_if_host_died,
+    wait_for_returns,
 )
 from forge.controller.options import PlacementOptions, ServiceOptions, parse_options
 from forge.controller.provisioner import (
@@ -47,6 +49,7 @@ from forge.controller.provisioner import (
     gpu_allocator,
     rank_env,
     spawn_proc_mesh,
+    stop_quietly,
 )
 
 logger = logging.getLogger("forge.controller")
@@ -181,8 +184,6 @@ class ForgeActor(Actor):
     @classmethod
     def _host_request(cls, what: str) -> Any:
         """Where on the host pool this class's replicas go, or None for this host."""
-        from forge.controller.hosts import current_pool
-
         p = cls._forge_placement
         if p.host_group is None and p.hosts is None:
             return None
@@ -275,13 +276,12 @@ class ForgeActor(Actor):
                 f"itself ({sorted(_RESERVED_SERVICE_NAMES)}); rename them"
             )
         cls._before_spawn(args, kwargs)
-        request = cls._host_request(f"{base.__name__}.as_service()")
+        what = f"{base.__name__}.as_service()"
+        request = cls._host_request(what)
         name = f"{base.__name__}_{next(_actor_counter)}"
         gpus = None
         if placement.with_gpus and request is None:
-            flat = gpu_allocator.allocate(
-                placement.procs * placement.num_replicas, f"{base.__name__}.as_service()"
-            )
+            flat = gpu_allocator.allocate(placement.procs * placement.num_replicas, what)
             gpus = tuple(
                 tuple(flat[i * placement.procs : (i + 1) * placement.procs])
                 for i in range(placement.num_replicas)
@@ -371,13 +371,14 @@ class _ActorResources:
         stopped = False
         try:
             if self.placement is not None and self.proc_mesh is not None:
-                await wait_if_host_died(self.request, self.placement)
+                if await placement_alive(self.request, self.placement) is False:
+                    await wait_for_returns(time.monotonic(), self.request.failure_timeout_s)
             if self.proc_mesh is not None:
                 if graceful:
                     await asyncio.wait_for(self.proc_mesh.stop(), 30)
                     stopped = True
                 else:
-                    stopped = await _stop_quietly(self.proc_mesh)
+                    stopped = await stop_quietly(self.proc_mesh)
             else:
                 stopped = True
         finally:
@@ -405,17 +406,7 @@ class _ServiceOwner:
             self.pool.untrack(self)
         if self.proc_mesh is not None:
             mesh, self.proc_mesh = self.proc_mesh, None
-            await _stop_quietly(mesh)
+            await stop_quietly(mesh)
         if self._gpus:
             gpu_allocator.release(self._gpus)
             self._gpus = []
-
-
-async def _stop_quietly(proc_mesh: Any) -> bool:
-    """Stop a proc mesh that may be broken; whether Monarch stopped it."""
-    try:
-        await asyncio.wait_for(proc_mesh.stop(), 30)
-        return True
-    except Exception as e:  # already broken: its processes are gone or going
-        logger.info("stopping a proc mesh: %s", e)
-        return False

@@ -106,17 +106,31 @@ class GpuAllocator:
 gpu_allocator = GpuAllocator()
 
 
-def rank_env(num_procs: int, gpus: list[str] | None, extra: dict[str, str] | None = None) -> list[dict[str, str]]:
-    """The environment of each rank of one replica (or actor) of ``num_procs`` processes."""
-    master_port = str(free_port())
+def rank_env(
+    num_procs: int,
+    gpus: list[str] | None,
+    extra: dict[str, str] | None = None,
+    *,
+    host_index: int = 0,
+    num_hosts: int = 1,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+) -> list[dict[str, str]]:
+    """The environment of the ``num_procs`` ranks one replica (or actor) runs on one host.
+
+    A replica spanning ``num_hosts`` hosts calls this once per host: ranks are global
+    (``RANK = host_index * num_procs + local rank``), ``LOCAL_*`` are per host, and every
+    rank meets at ``master_addr:master_port`` (a free port here when not given).
+    """
+    master_port = str(master_port if master_port is not None else free_port())
     envs = []
     for rank in range(num_procs):
         env = {
-            "RANK": str(rank),
+            "RANK": str(host_index * num_procs + rank),
             "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(num_procs),
+            "WORLD_SIZE": str(num_hosts * num_procs),
             "LOCAL_WORLD_SIZE": str(num_procs),
-            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_ADDR": master_addr,
             "MASTER_PORT": master_port,
         }
         if "OMP_NUM_THREADS" not in os.environ:
@@ -128,6 +142,18 @@ def rank_env(num_procs: int, gpus: list[str] | None, extra: dict[str, str] | Non
         env.update(extra or {})
         envs.append(env)
     return envs
+
+
+async def stop_quietly(proc_mesh: Any, timeout_s: float = 30.0) -> bool:
+    """Stop a proc mesh that may be broken or hung; whether Monarch stopped it in time."""
+    import asyncio
+
+    try:
+        await asyncio.wait_for(proc_mesh.stop(), timeout_s)
+        return True
+    except Exception as e:  # already broken: its processes are gone or going
+        logger.info("stopping a proc mesh: %s", e)
+        return False
 
 
 def spawn_proc_mesh(host: Any, num_procs: int, envs: list[dict[str, str]], name: str) -> Any:

@@ -29,6 +29,11 @@ def _start_time(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    return _start_time(pid) is not None
+
+
 def has_job_id(pid: int, job_id: str) -> bool:
     """Whether process ``pid``'s environment carries ``FORGE_JOB_ID=job_id``."""
     try:  # fails for a process that is gone or another user's

@@ -128,6 +128,7 @@ def sweep_stale_segments(directory: Path | None = None) -> list[Path]:
 
 
 def _remove_if_unlocked(path: Path) -> bool:
+    """Delete a lock file nobody holds; whether it was deleted."""
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
@@ -221,7 +222,7 @@ class WeightStore:
             segment.destroy()
         self._published.clear()
         self._idle.clear()
-        self._remove_fetch_lock()
+        _remove_if_unlocked(self._fetch_lock_path())  # unless a pull of another process holds it
 
     # ---- reading (the generators) ------------------------------------------------
 
@@ -294,18 +295,6 @@ class WeightStore:
                 os.close(fd)
                 raise
             os.close(fd)  # locked a file that was removed meanwhile: lock the current one
-
-    def _remove_fetch_lock(self) -> None:
-        """Remove the pull lock file unless another process holds it (then it removes it later)."""
-        with contextlib.suppress(FileNotFoundError):
-            fd = os.open(self._fetch_lock_path(), os.O_RDWR)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._fetch_lock_path().unlink()
-            except BlockingIOError:
-                pass  # a pull is running; its process will close its store too
-            finally:
-                os.close(fd)
 
     async def _pull(self, version: int, source: Any, chunk_bytes: int, in_flight: int, timeout_s: float) -> int:
         if hasattr(source, "size") and callable(source.size) and source.size() > 1:

@@ -43,10 +43,10 @@ from forge.controller.hosts.config import (
 from forge.controller.hosts.pool import HostPool, current_pool, init_hosts, make_job, shutdown_hosts
 from forge.controller.hosts.registry import (
     place,
+    placement_alive,
     release_placement,
     spawn_placed,
     wait_for_returns,
-    wait_if_host_died,
 )
 
 __all__ = [

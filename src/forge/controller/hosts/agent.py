@@ -12,7 +12,7 @@ import time
 
 from monarch.actor import Actor, endpoint
 
-from forge.util.reaper import has_job_id
+from forge.util.reaper import has_job_id, pid_alive
 from forge.controller.provisioner import free_port, visible_gpus
 
 logger = logging.getLogger("forge.hosts")
@@ -56,14 +56,6 @@ def kill_pids(pids: list[int] | tuple[int, ...]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class HostAgent(Actor):

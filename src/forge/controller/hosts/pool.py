@@ -12,9 +12,9 @@ from typing import Any
 from monarch.actor import this_host
 
 from forge.controller.hosts.config import HostInfo, HostRequest, HostsConfig, HostStatus, delivery_timeout_s, supervision_env
-from forge.util.reaper import JOB_ID_ENV
 from forge.controller.hosts.registry import HostRegistry
 from forge.controller.provisioner import spawn_proc_mesh
+from forge.util.reaper import JOB_ID_ENV
 
 logger = logging.getLogger("forge.hosts")
 

@@ -113,20 +113,14 @@ class HostRegistry(Actor):
         except BaseException:
             await self._release(placement_id)
             raise
-        envs = []
-        for h, host in enumerate(window):
-            host_envs = rank_env(
-                request.procs, gpus.get(host.info.key),
-                {JOB_ID_ENV: self._job_id, HOST_ENV: host.info.key},
+        envs = [
+            env
+            for h, host in enumerate(window)
+            for env in rank_env(
+                request.procs, gpus.get(host.info.key), {JOB_ID_ENV: self._job_id, HOST_ENV: host.info.key},
+                host_index=h, num_hosts=len(window), master_addr=window[0].info.address, master_port=master_port,
             )
-            for local_rank, env in enumerate(host_envs):
-                env.update(
-                    RANK=str(h * request.procs + local_rank),
-                    WORLD_SIZE=str(len(window) * request.procs),
-                    MASTER_ADDR=window[0].info.address,
-                    MASTER_PORT=str(master_port),
-                )
-                envs.append(env)
+        ]
         logger.info("%s placed on %s", owner, [h.info.key for h in window])
         return Placement(placement_id, request.group, first, len(window),
                          tuple(h.info.key for h in window), tuple(envs))
@@ -312,11 +306,9 @@ async def wait_for_returns(last_host_death: float | None, failure_timeout_s: flo
         await asyncio.sleep(max(0.0, last_host_death + drain_s(failure_timeout_s) - time.monotonic()))
 
 
-async def wait_if_host_died(request: HostRequest, placement: Placement) -> None:
-    """Before stopping a placement's processes: if a host of it died, wait out the returns."""
+async def placement_alive(request: HostRequest, placement: Placement, timeout_s: float = 2 * CHECK_TIMEOUT_S) -> bool | None:
+    """Whether every host of a placement answers now; None when the registry is gone (pool shutting down)."""
     try:
-        alive = await asyncio.wait_for(request.registry.check.call_one(placement.placement_id), 2 * CHECK_TIMEOUT_S)
-    except Exception:  # the registry is gone: the pool is shutting down and waits itself
-        return
-    if not alive:
-        await wait_for_returns(time.monotonic(), request.failure_timeout_s)
+        return await asyncio.wait_for(request.registry.check.call_one(placement.placement_id), timeout_s)
+    except Exception:
+        return None

@@ -30,12 +30,13 @@ from forge.controller.hosts import (
     HostRequest,
     Placement,
     place,
+    placement_alive,
     release_placement,
     spawn_placed,
     wait_for_returns,
 )
 from forge.controller.options import PlacementOptions, ServiceOptions
-from forge.controller.provisioner import rank_env, spawn_proc_mesh
+from forge.controller.provisioner import rank_env, spawn_proc_mesh, stop_quietly
 from forge.controller.service.types import Membership, ReplicaHealth, ReplicaRef, ReplicaState
 
 logger = logging.getLogger("forge.service")
@@ -233,7 +234,7 @@ class ServiceController(Actor):
     async def _stop_replica(self, replica: _Replica) -> None:
         """Stop a replica's processes; kill them outright if Monarch cannot stop them in time."""
         mesh, pids, placement = replica.proc_mesh, replica.pids, replica.placement
-        if placement is not None and not await self._hosts_alive(placement):
+        if placement is not None and not await placement_alive(self._spec.hosts, placement, timeout_s=10):
             # A host of it is gone, and its processes with it: kill the ranks left on live hosts,
             # free the placement, rebuild now; stop the mesh once Monarch has returned what was
             # sent to the dead host (see drain_s).
@@ -261,13 +262,7 @@ class ServiceController(Actor):
 
     async def _stop_after_returns(self, mesh: Any, host_death: float) -> None:
         await wait_for_returns(host_death, self._spec.hosts.failure_timeout_s)
-        await _stop_quietly(mesh)
-
-    async def _hosts_alive(self, placement: Placement) -> bool:
-        try:
-            return await asyncio.wait_for(self._spec.hosts.registry.check.call_one(placement.placement_id), 10)
-        except Exception:  # the registry is gone: the pool is shutting down
-            return False
+        await stop_quietly(mesh, _STOP_TIMEOUT_S)
 
     async def _stop_all(self) -> None:
         await asyncio.gather(*(self._stop_replica(r) for r in self._replicas), return_exceptions=True)
@@ -314,8 +309,3 @@ class ServiceController(Actor):
     def _own(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-async def _stop_quietly(mesh: Any) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(mesh.stop(), _STOP_TIMEOUT_S)
