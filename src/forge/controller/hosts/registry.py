@@ -63,21 +63,23 @@ class HostRegistry(Actor):
         """Start an agent on every host; returns what they report. Raises if a host is unreachable."""
         for group, mesh in self._meshes.items():
             count = self._config.host_counts()[group]
-            envs = [{JOB_ID_ENV: self._job_id, HOST_ENV: f"{group}-{i}"} for i in range(count)]
-            procs = spawn_proc_mesh(mesh, 1, envs, name=f"forge_agent_{group}")
-            self._agent_meshes.append(procs)
-            agents = procs.spawn(f"forge_agent_{group}", HostAgent, self._job_id, self._config.lease_timeout_s,
-                                 self._config.connect_timeout_s + self._config.lease_timeout_s,
-                                 self._owns_allocation)
-            infos = await asyncio.wait_for(agents.info.call(), self._config.connect_timeout_s)
-            hosts = []
-            for i, (_, (hostname, address, gpus)) in enumerate(infos.items()):
-                info = HostInfo(f"{group}-{i}", group, i, hostname, address, tuple(gpus))
-                hosts.append(_Host(info, agents.slice(hosts=i)))
-            self._hosts[group] = hosts
+            hosts = await asyncio.gather(*(self._start_agent(group, i, mesh.slice(hosts=i)) for i in range(count)))
+            self._hosts[group] = list(hosts)
             for host in hosts:  # each host's lease starts being renewed as soon as it is known
                 self._own(self._heartbeat_loop(host))
         return [h.info for hosts in self._hosts.values() for h in hosts]
+
+    async def _start_agent(self, group: str, index: int, host_mesh: Any) -> _Host:
+        """One agent in a proc mesh of its own, so a dead host fails only its own mesh and
+        Monarch stops watching it (a mesh spanning a dead and live hosts keeps messaging
+        the dead one, and those messages come back after this registry may have stopped)."""
+        key = f"{group}-{index}"
+        procs = spawn_proc_mesh(host_mesh, 1, [{JOB_ID_ENV: self._job_id, HOST_ENV: key}], name=f"forge_agent_{key}")
+        self._agent_meshes.append(procs)
+        agent = procs.spawn(f"forge_agent_{key}", HostAgent, self._job_id, self._config.lease_timeout_s,
+                            self._config.connect_timeout_s + self._config.lease_timeout_s, self._owns_allocation)
+        hostname, address, gpus = await asyncio.wait_for(agent.info.call_one(), self._config.connect_timeout_s)
+        return _Host(HostInfo(key, group, index, hostname, address, tuple(gpus)), agent)
 
     @endpoint
     async def place(self, request: HostRequest, owner: str) -> Placement:
@@ -205,11 +207,11 @@ class HostRegistry(Actor):
     def __supervise__(self, failure: Any) -> bool:
         """An agent's process died: its host is gone (a worker takes its processes with it)."""
         name = str(getattr(failure, "mesh_name", ""))
-        for group, hosts in self._hosts.items():
-            if name.startswith(f"forge_agent_{group}"):
-                for host in hosts:
-                    if host.alive:
-                        self._mark_dead_if_silent(host)
+        for hosts in self._hosts.values():
+            for host in hosts:
+                mesh = f"forge_agent_{host.info.key}"
+                if host.alive and (name == mesh or name.startswith(mesh + "-")):
+                    self._mark_dead_if_silent(host)
         return True
 
     def _mark_dead_if_silent(self, host: _Host) -> None:
