@@ -23,6 +23,7 @@ class RunConfig:
     target_reward: float | None = 0.9  # stop once the moving mean reward reaches it; null: never
     reward_window: int = 10  # steps in that moving mean
     max_time_s: float = 600.0
+    stall_timeout_s: float | None = 900.0  # no step finished this long: stop with where each loop waits
     log_every: int = 10
     eval_every: int = 25  # 0: no evaluation
     checkpoint_every: int = 50  # 0: no checkpoints
@@ -34,6 +35,8 @@ class RunConfig:
         for name in ("max_steps", "reward_window", "log_every", "rollout_tasks", "keep_checkpoints"):
             _positive(f"run.{name}", getattr(self, name))
         _positive("run.max_time_s", self.max_time_s)
+        if self.stall_timeout_s is not None:
+            _positive("run.stall_timeout_s", self.stall_timeout_s)
         if self.weight_update not in ("fanout", "rolling"):
             raise ValueError(f"run.weight_update must be 'fanout' or 'rolling', got {self.weight_update!r}")
         if self.eval_every < 0 or self.checkpoint_every < 0:

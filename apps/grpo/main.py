@@ -62,6 +62,7 @@ from forge.data.rewards import MathReward
 from forge.observability import drain_local_metrics, merge_metrics, record_metric
 from forge.observability.logger import RunLogger, plot_curves
 from forge.util.config import load_config, to_dict
+from forge.util.tasks import await_chain
 
 logger = logging.getLogger("forge.grpo")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -69,6 +70,10 @@ DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 class ActorDied(RuntimeError):
     """A singleton actor of the run died; the run cannot go on."""
+
+
+class RunStalled(RuntimeError):
+    """No training step finished within ``run.stall_timeout_s``; the message says where each loop waits."""
 
 
 @dataclasses.dataclass
@@ -162,10 +167,12 @@ class GRPORun:
         self.tokens_generated = 0
         self.generate_seconds = 0.0
         self.math = MathReward()
+        self.loops: dict[str, asyncio.Task] = {}  # name -> task, for the stall report
+        self.progress: dict[str, float] = {}  # loop name -> when it last finished a step or a group
 
     # ---- rollouts ----------------------------------------------------------------
 
-    async def rollout_loop(self) -> None:
+    async def rollout_loop(self, index: int = 0) -> None:
         s = self.s
         while not self.stopping:
             await self.gate.wait()
@@ -205,6 +212,7 @@ class GRPORun:
                     record_metric("reward/max", episode.reward, "max")
                 await s.replay_buffer.add.call_one(group.episodes)
                 self.groups_made += 1
+                self.progress[f"rollout loop {index}"] = time.monotonic()
             finally:
                 self.in_flight -= 1
 
@@ -230,6 +238,7 @@ class GRPORun:
             else:
                 await s.policy.update_weights.fanout(policy_version=self.version, source=s.trainer)
             self.step += 1
+            self.progress["training loop"] = time.monotonic()
             metrics = await self.collect_metrics()
             metrics.update({"trainer/loss_reported": float(next(iter(losses.values()))),
                             "time/weight_sync_s": time.monotonic() - sync_started,
@@ -240,6 +249,7 @@ class GRPORun:
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
                 metrics["eval/accuracy"] = await self.evaluate()
             log.log(self.step, metrics)
+            self.progress["training loop"] = time.monotonic()
             if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                 await self.checkpoint()
             window = self.rewards[-cfg.run.reward_window:]
@@ -332,12 +342,27 @@ class GRPORun:
             for _, pid in (await actor._forge_ping.call()).items():
                 pids[pid] = name
         (self.run_dir / "processes.json").write_text(json.dumps({str(p): n for p, n in pids.items()}, indent=1))
+        stall_s = self.cfg.run.stall_timeout_s
         while True:
             await asyncio.sleep(0.5)
+            if stall_s is not None and time.monotonic() - self.progress["training loop"] > stall_s:
+                raise RunStalled(self.stall_report())
             for name, actor in self.s.singletons().items():
                 if not await actor_alive(actor):  # does not wait behind a busy actor's message
                     raise ActorDied(f"the {name} actor died (its process or host is gone); the run cannot continue "
                                     f"without it. Resume from the last checkpoint with --resume {self.run_dir}")
+
+
+    def stall_report(self) -> str:
+        now = time.monotonic()
+        lines = [f"no training step finished in {now - self.progress['training loop']:.0f} s (run.stall_timeout_s); "
+                 f"the run looks hung after step {self.step}. Where each loop waits:"]
+        for name, task in self.loops.items():
+            chain = await_chain(task)
+            done = "step" if name == "training loop" else "group"
+            lines.append(f"  {name} (last {done} {now - self.progress[name]:.1f} s ago):"
+                         + ("".join(f"\n      {where}" for where in chain) if chain else " finished"))
+        return "\n".join(lines)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -382,9 +407,11 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
         startup_s = time.monotonic() - started
         log = RunLogger(run_dir, cfg.metrics, cfg.run.max_steps, cfg.run.log_every, first_step=grpo.step)
         log.write(f"run directory: {run_dir}  (services up in {startup_s:.1f} s)")
-        tasks = [asyncio.ensure_future(grpo.rollout_loop()) for _ in range(cfg.run.rollout_tasks)]
-        watchdog = asyncio.ensure_future(grpo.watchdog())
+        tasks = [asyncio.ensure_future(grpo.rollout_loop(i)) for i in range(cfg.run.rollout_tasks)]
         trainer_task = asyncio.ensure_future(grpo.train_loop(log, started + cfg.run.max_time_s))
+        grpo.loops = {"training loop": trainer_task, **{f"rollout loop {i}": t for i, t in enumerate(tasks)}}
+        grpo.progress = dict.fromkeys(grpo.loops, time.monotonic())
+        watchdog = asyncio.ensure_future(grpo.watchdog())
         tasks += [watchdog, trainer_task]
         done, _ = await asyncio.wait([trainer_task, watchdog, *tasks[:-2]], return_when=asyncio.FIRST_COMPLETED)
         finished = next(iter(done))
@@ -415,7 +442,13 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            done, stuck = await asyncio.wait(tasks, timeout=30)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # reported already (or by the task that ended the run)
+            for task in stuck:  # shut the services down anyway; that ends what the task waits on
+                logger.warning("a task of the run ignored cancellation for 30 s; it waits at %s", await_chain(task))
         if log is not None:
             log.close()
         try:
@@ -453,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted; processes stopped. Resume with: python -m apps.grpo.main --resume {run_dir}",
               file=sys.stderr)
         return 130
-    except ActorDied as e:
+    except (ActorDied, RunStalled) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
     except ValueError as e:  # bad input found while placing the parts (e.g. GPUs a host does not have)

@@ -11,6 +11,7 @@ BAD = [
     (["run.max_steps=0"], "run.max_steps"),
     (["run.max_steps=ten"], "run.max_steps"),
     (["run.weight_update=sideways"], "weight_update"),
+    (["run.stall_timeout_s=0"], "run.stall_timeout_s"),
     (["policy.num_replica=2"], "num_replica"),
     (["policy.engine.backend=tgi"], "backend"),
     (["policy.sampling.temperature=-1"], "temperature"),
