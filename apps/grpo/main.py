@@ -226,7 +226,7 @@ class GRPORun:
             step_started = time.monotonic()
             batch = await s.replay_buffer.sample.call_one(curr_policy_version=self.version)
             while batch is None:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # no batch yet: too few episodes, or all too stale
                 batch = await s.replay_buffer.sample.call_one(curr_policy_version=self.version)
             inputs, targets = batch
             losses = await s.trainer.train_step.call(inputs, targets)
@@ -339,8 +339,11 @@ class GRPORun:
     async def watchdog(self) -> None:
         pids = {}
         for name, actor in self.s.singletons().items():
-            for _, pid in (await actor._forge_ping.call()).items():
+            for _, pid in (await asyncio.wait_for(actor._forge_ping.call(), 60)).items():
                 pids[pid] = name
+        for name, service in self.s.services().items():  # as started; rebuilt replicas get new pids
+            for row in (await asyncio.wait_for(service.statistics(), 60)).replicas:
+                pids.update({pid: f"{name} replica {row.replica_id}" for pid in row.pids})
         (self.run_dir / "processes.json").write_text(json.dumps({str(p): n for p, n in pids.items()}, indent=1))
         stall_s = self.cfg.run.stall_timeout_s
         while True:

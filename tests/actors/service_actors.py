@@ -7,7 +7,7 @@ import os
 
 from monarch.actor import concurrent_endpoint, endpoint
 
-from forge.controller import ForgeActor
+from forge.controller import ForgeActor, replay_on_rebuild
 
 
 class Worker(ForgeActor):
@@ -18,6 +18,8 @@ class Worker(ForgeActor):
             raise RuntimeError(f"refusing to start: {fail_init_if_exists} exists")
         self.is_set_up = False
         self.calls = 0
+        self.weights_version = 0
+        self.tunings: list[str] = []
 
     @endpoint
     async def setup(self) -> None:
@@ -34,7 +36,25 @@ class Worker(ForgeActor):
             "master_port": os.environ["MASTER_PORT"],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "is_set_up": self.is_set_up,
+            "weights_version": self.weights_version,
+            "tunings": self.tunings,
         }
+
+    @replay_on_rebuild
+    @endpoint
+    async def load_weights(self, version: int, seconds: float = 0.0) -> int:
+        await asyncio.sleep(seconds)
+        self.weights_version = version
+        return version
+
+    @endpoint
+    @replay_on_rebuild  # either order
+    async def tune(self, knob: str) -> None:
+        self.tunings.append(knob)
+
+    @endpoint
+    async def note(self, text: str) -> None:  # not replayed
+        self.tunings.append(text)
 
     @endpoint
     async def work(self, x: int, seconds: float = 0.01) -> tuple[int, int]:

@@ -103,6 +103,38 @@ async def test_sigkill_of_one_replica_during_200_calls_fails_none_and_it_comes_b
         await service.shutdown()
 
 
+async def test_a_rebuilt_replica_gets_the_latest_fanout_of_replayed_endpoints_before_it_serves():
+    service = await Worker.options(num_replicas=2).as_service()
+    try:
+        for version in (1, 2, 3):
+            await service.load_weights.fanout(version)
+        await service.tune.rolling("fast")
+        await service.note.fanout("not replayed")
+        pids = [a["pid"] for a in await service.whoami.fanout()]
+        os.kill(pids[0], signal.SIGKILL)
+        await async_wait_until(lambda: _restarted(service, 0), 30, 0.1)
+        await wait_all_healthy(service, 2)
+        rebuilt, kept = await service.whoami.fanout()
+        assert rebuilt["pid"] not in pids and kept["pid"] == pids[1]
+        assert rebuilt["weights_version"] == 3 and rebuilt["tunings"] == ["fast"]  # latest call, each once
+        assert kept["weights_version"] == 3 and kept["tunings"] == ["fast", "not replayed"]
+        # A replica dying during such a call does not fail it: its rebuild gets the call.
+        update = asyncio.ensure_future(service.load_weights.fanout(4, 1.0))
+        await asyncio.sleep(0.3)
+        os.kill(kept["pid"], signal.SIGKILL)
+        first, second = await update
+        assert first == 4 and isinstance(second, ReplicaFailure)  # replica order; replica 1 died
+        await async_wait_until(lambda: _restarted(service, 1), 30, 0.1)
+        await wait_all_healthy(service, 2)
+        assert [a["weights_version"] for a in await service.whoami.fanout()] == [4, 4]
+    finally:
+        await service.shutdown()
+
+
+async def _restarted(service, replica_id):
+    return (await service.statistics()).replicas[replica_id].num_restarts == 1
+
+
 async def test_a_session_moves_when_its_replica_dies():
     service = await Worker.options(num_replicas=2).as_service()
     try:

@@ -123,6 +123,33 @@ def test_ctrl_c_and_a_dead_or_hung_trainer_end_the_run_quickly_and_cleanly(tmp_p
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("hosts", [False, True])
+def test_a_killed_generator_is_rebuilt_with_the_current_weights_and_training_goes_on(tmp_path, hosts):
+    tag = uuid.uuid4().hex
+    app = start_app(tmp_path, tag, *QUICK, "run.max_steps=10", f"run.output_dir={tmp_path}", "run.eval_every=0",
+                    *(ON_HOSTS if hosts else []))
+    try:
+        assert wait_until(lambda: only_run_dir(tmp_path) is not None and len(logged_steps(only_run_dir(tmp_path))) >= 3,
+                          240, 0.2)
+        run_dir = only_run_dir(tmp_path)
+        processes = json.loads((run_dir / "processes.json").read_text())
+        policy_pid = next(int(pid) for pid, name in processes.items() if name == "policy replica 0")
+        os.kill(policy_pid, signal.SIGKILL)
+        out, err = app.communicate(timeout=200)
+        # Rebuilt at version 0, the only generator would make episodes the buffer rejects as too
+        # stale, and the trainer would wait for fresh ones forever; it catches up instead.
+        assert app.returncode == 0, err[-3000:]
+        lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [l["step"] for l in lines] == list(range(1, 11)) and lines[-1]["policy/version"] == 10
+        assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15), procs_with_env("FORGE_TEST_TAG", tag)
+    finally:
+        if app.poll() is None:
+            app.kill()
+        for pid in procs_with_env("FORGE_TEST_TAG", tag):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
 async def test_policy_and_trainer_on_different_hosts_sync_weights_across_hosts(tmp_path, monkeypatch):
     tag = uuid.uuid4().hex
     monkeypatch.setenv("FORGE_TEST_TAG", tag)

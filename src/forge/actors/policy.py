@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from monarch.actor import concurrent_endpoint, endpoint
 
-from forge.controller import ForgeActor
+from forge.controller import ForgeActor, replay_on_rebuild
 from forge.engine.config import EngineConfig, SamplingParams
 from forge.observability.metrics import record_metric
 
@@ -157,6 +157,7 @@ class Policy(ForgeActor):
             for s in request.sequences
         ]
 
+    @replay_on_rebuild  # a rebuilt replica loads the current version before it serves
     @endpoint
     async def update_weights(self, policy_version: int, state_dict: dict[str, torch.Tensor] | None = None,
                              source: Any = None) -> int:
@@ -170,6 +171,8 @@ class Policy(ForgeActor):
         """
         if state_dict is not None:
             await self._engine.update_weights(state_dict, int(policy_version))
+            return int(policy_version)
+        if self._engine.version == int(policy_version):  # e.g. replayed to this rebuilt replica already
             return int(policy_version)
         if source is not None and self.store.find(int(policy_version)) is None:
             started = time.monotonic()

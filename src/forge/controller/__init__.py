@@ -1,6 +1,6 @@
 """Forge's controller layer: ``ForgeActor`` (actors and services), host pools, routers and errors."""
 
-from forge.controller.actor import ForgeActor, actor_alive
+from forge.controller.actor import ForgeActor, actor_alive, replay_on_rebuild
 from forge.controller.errors import (
     EndpointError,
     ForgeError,
@@ -20,6 +20,7 @@ from forge.controller.service.routers import (
 __all__ = [
     "ForgeActor",
     "actor_alive",
+    "replay_on_rebuild",
     "HostsConfig",
     "HostPool",
     "init_hosts",

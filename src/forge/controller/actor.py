@@ -69,6 +69,26 @@ def _endpoints_of(cls: type) -> dict[str, EndpointProperty]:
     }
 
 
+def replay_on_rebuild(method: Any) -> Any:
+    """Mark an endpoint whose latest ``fanout``/``rolling`` call sets replica state.
+
+    A replica rebuilt after a failure starts from its constructor and ``setup``; before it
+    serves again, the service controller sends it the latest fanned-out call of each
+    marked endpoint (e.g. ``Policy.update_weights``, so a rebuilt generator does not serve
+    the initial weights). Apply it above or below ``@endpoint``. Calls made with
+    ``route()`` are not replayed.
+    """
+    target = method._method if isinstance(method, EndpointProperty) else method
+    target._forge_replay_on_rebuild = True
+    return method
+
+
+def _replayed_endpoints(cls: type) -> tuple[str, ...]:
+    return tuple(sorted(
+        name for name, prop in _endpoints_of(cls).items() if getattr(prop._method, "_forge_replay_on_rebuild", False)
+    ))
+
+
 def _run_to_completion(method: Any) -> Any:
     @functools.wraps(method)
     async def run(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -309,7 +329,8 @@ class ForgeActor(Actor):
                 raise e.exception from None
             raise
         handle = ServiceHandle(
-            name, uuid.uuid4().hex, endpoints, placement, options, controller, membership, owner
+            name, uuid.uuid4().hex, endpoints, placement, options, controller, membership, owner,
+            replayed=_replayed_endpoints(base),
         )
         if request is not None:  # the pool's shutdown stops it first, if the user has not
             owner.pool = current_pool()

@@ -26,7 +26,7 @@ from monarch.actor import ActorError
 from forge.controller.errors import EndpointError, ReplicaFailed, ServiceUnavailable
 from forge.controller.options import ServiceOptions
 from forge.controller.service.routers import ReplicaLoad
-from forge.controller.service.types import Membership, ReplicaFailure, ReplicaRef
+from forge.controller.service.types import Membership, ReplayedCall, ReplicaFailure, ReplicaRef
 
 logger = logging.getLogger("forge.service")
 
@@ -134,8 +134,10 @@ async def _await_monarch(future: Any) -> Any:
 class ServiceClient:
     """Routes calls of one service from one process (see the module docstring)."""
 
-    def __init__(self, name: str, controller: Any, options: ServiceOptions, membership: Membership) -> None:
+    def __init__(self, name: str, controller: Any, options: ServiceOptions, membership: Membership,
+                 replayed: tuple[str, ...] = ()) -> None:
         self.name = name
+        self._replayed = replayed
         self._controller = controller
         self._options = options
         self._router = options.router_factory()
@@ -381,6 +383,7 @@ class ServiceClient:
         self._ensure_watcher()
         if self._broken is None:
             await self._poll()
+        await self._remember(method, args, kwargs)
         if not self._healthy_loads:
             await self._pick(None)
         slots = sorted(self._slots.values(), key=lambda s: s.ref.replica_id)
@@ -390,11 +393,18 @@ class ServiceClient:
         out = []
         for slot, result in zip(slots, results):
             if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError) or not self._options.fanout_partial:
+                if isinstance(result, asyncio.CancelledError) or not (
+                    self._options.fanout_partial or self._replayed_later(method, result)
+                ):
                     raise result
                 result = ReplicaFailure(slot.ref.replica_id, result)
             out.append(result)
         return out
+
+    def _replayed_later(self, method: str, error: BaseException) -> bool:
+        """A replica died running a ``@replay_on_rebuild`` call: its rebuild replays it, so
+        the call has not failed (the replica's entry is a ``ReplicaFailure``)."""
+        return method in self._replayed and isinstance(error, ReplicaFailed)
 
     async def rolling(self, method: str, args: tuple, kwargs: dict) -> list[Any]:
         """Call ``method`` on every healthy replica, one at a time.
@@ -405,25 +415,42 @@ class ServiceClient:
         self._ensure_watcher()
         if self._broken is None:
             await self._poll()
+        await self._remember(method, args, kwargs)
         results = []
         for replica_id in sorted(self._slots):
             slot = self._slots.get(replica_id)
             if slot is None or slot.is_gone:
                 continue
             if len(self._slots) == 1:  # a single replica: nothing else can serve meanwhile
-                results.append(await self._call_or_fail(slot, method, args, kwargs, "rolling"))
+                results.append(await self._rolling_call(slot, method, args, kwargs))
                 continue
             self._excluded.add(replica_id)
             self._refresh_loads()
             try:
                 while slot.load.in_flight or slot.load.queued:
                     await asyncio.sleep(0.005)
-                results.append(await self._call_or_fail(slot, method, args, kwargs, "rolling"))
+                results.append(await self._rolling_call(slot, method, args, kwargs))
             finally:
                 self._excluded.discard(replica_id)
                 self._refresh_loads()
                 self._notify()
         return results
+
+    async def _rolling_call(self, slot: _Slot, method: str, args: tuple, kwargs: dict) -> Any:
+        try:
+            return await self._call_or_fail(slot, method, args, kwargs, "rolling")
+        except ReplicaFailed as e:
+            if not self._replayed_later(method, e):
+                raise
+            return ReplicaFailure(slot.ref.replica_id, e)
+
+    async def _remember(self, method: str, args: tuple, kwargs: dict) -> None:
+        """Give the controller a ``@replay_on_rebuild`` call first, so a replica rebuilt from
+        now on gets it too (one rebuilt during this call gets it from the controller)."""
+        if method in self._replayed and self._broken is None:
+            await asyncio.wait_for(
+                _await_monarch(self._controller.remember.choose(ReplayedCall(method, args, kwargs))), _WATCH_TIMEOUT_S
+            )
 
     async def _call_or_fail(self, slot: _Slot, method: str, args: tuple, kwargs: dict, adverb: str) -> Any:
         """A call to one given replica (fanout, rolling): its death is a ReplicaFailed, not a resend."""

@@ -4,7 +4,8 @@ It runs in a process of its own, spawned with Monarch's supervision poll tuned t
 second, and it owns every replica's ProcMesh, so a dead replica process reaches its
 ``__supervise__`` within about a second. It also probes every replica on a timer (a
 replica silent for ``health_probe_timeout_s`` is hung), rebuilds failed replicas in the
-background with the same constructor arguments and ``setup``, and holds a replica that
+background with the same constructor arguments and ``setup`` (then the latest fanout of
+each ``@replay_on_rebuild`` endpoint, e.g. the current weights), and holds a replica that
 keeps failing out for a cool-down (circuit breaker).
 
 Handles never send requests through the controller: they call replicas directly and
@@ -37,7 +38,7 @@ from forge.controller.hosts import (
 )
 from forge.controller.options import PlacementOptions, ServiceOptions
 from forge.controller.provisioner import rank_env, spawn_proc_mesh, stop_quietly
-from forge.controller.service.types import Membership, ReplicaHealth, ReplicaRef, ReplicaState
+from forge.controller.service.types import Membership, ReplayedCall, ReplicaHealth, ReplicaRef, ReplicaState
 
 logger = logging.getLogger("forge.service")
 
@@ -96,6 +97,7 @@ class ServiceController(Actor):
         self._tasks: set[asyncio.Task] = set()
         self._is_shut_down = False
         self._last_host_death: float | None = None
+        self._replays: dict[str, ReplayedCall] = {}  # endpoint -> its latest fanout, for rebuilt replicas
 
     # ---- endpoints -------------------------------------------------------------
 
@@ -130,6 +132,12 @@ class ServiceController(Actor):
         replica = self._replicas[replica_id]
         if replica.generation == generation and replica.state == ReplicaState.HEALTHY:
             self._fail(replica, f"reported by a caller: {reason}")
+
+    @endpoint
+    async def remember(self, call: ReplayedCall) -> None:
+        """The latest fanout of a ``@replay_on_rebuild`` endpoint: rebuilt replicas get it first."""
+        self._replays.pop(call.method, None)
+        self._replays[call.method] = call  # replayed in the order the endpoints were last called
 
     @endpoint
     async def health(self) -> list[ReplicaHealth]:
@@ -187,6 +195,8 @@ class ServiceController(Actor):
             replica.pids = tuple(pid for _, pid in pids.items())
             if spec.has_setup:
                 await replica.actors.setup.call()
+            for call in list(self._replays.values()):  # catch up with the replicas that kept running
+                await getattr(replica.actors, call.method).call(*call.args, **call.kwargs)
 
         await asyncio.wait_for(start_replica(), spec.options.spawn_timeout_s)
         replica.state = ReplicaState.HEALTHY

@@ -110,6 +110,7 @@ class ServiceHandle:
         controller: Any,
         membership: Membership,
         owner: Any = None,
+        replayed: tuple[str, ...] = (),
     ) -> None:
         self._name = name
         self._service_id = service_id
@@ -119,6 +120,7 @@ class ServiceHandle:
         self._controller = controller
         self._membership = membership
         self._owner = owner  # only in the creating process: stops the controller's processes
+        self._replayed = replayed  # endpoints marked @replay_on_rebuild
         self._endpoints: dict[str, ServiceEndpoint] = {}
 
     def __getattr__(self, name: str) -> ServiceEndpoint:
@@ -148,7 +150,7 @@ class ServiceHandle:
         return (
             ServiceHandle,
             (self._name, self._service_id, self._endpoint_names, self._placement, self._options,
-             self._controller, membership),
+             self._controller, membership, None, self._replayed),
         )
 
     def _client(self) -> ServiceClient:
@@ -156,7 +158,7 @@ class ServiceHandle:
         client = clients.get(self._service_id)
         if client is None:
             client = clients[self._service_id] = ServiceClient(
-                self._name, self._controller, self._options, self._membership
+                self._name, self._controller, self._options, self._membership, self._replayed
             )
         return client
 
@@ -192,6 +194,7 @@ class ServiceHandle:
                     latency_p99_ms=1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
                     if latencies else None,
                     hosts=h.hosts,
+                    pids=h.pids,
                 )
             )
         return ServiceStats(self._name, tuple(rows))

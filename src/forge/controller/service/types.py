@@ -36,6 +36,16 @@ class Membership:
 
 
 @dataclass(frozen=True)
+class ReplayedCall:
+    """The latest ``fanout``/``rolling`` call of an endpoint marked ``@replay_on_rebuild``:
+    the controller sends it to a rebuilt replica before the replica serves again."""
+
+    method: str
+    args: tuple
+    kwargs: dict
+
+
+@dataclass(frozen=True)
 class ReplicaHealth:
     """The controller's view of one replica, for ``statistics()``."""
 
@@ -63,6 +73,7 @@ class ReplicaStats:
     failed: int
     latency_p50_ms: float | None
     latency_p99_ms: float | None
+    pids: tuple[int, ...] = ()  # its processes, rank order
     hosts: tuple[str, ...] = ()  # host-pool hosts it runs on; () = this host
 
 
