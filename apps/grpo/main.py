@@ -292,6 +292,14 @@ class GRPORun:
         scores = [self.math(row["question"], a[0].text, row["target"]) for row, a in zip(rows, answers)]
         return sum(scores) / len(scores)
 
+    async def final_evaluation(self) -> float:
+        """``evaluate`` after the loops have stopped, bounded like a step (no watchdog runs then)."""
+        stall_s = self.cfg.run.stall_timeout_s
+        try:
+            return await asyncio.wait_for(self.evaluate(), stall_s)
+        except asyncio.TimeoutError:
+            raise RunStalled(f"the final evaluation did not finish in {stall_s:.0f} s (run.stall_timeout_s)") from None
+
     # ---- checkpoints ---------------------------------------------------------------
 
     async def quiesce(self) -> None:
@@ -424,8 +432,8 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
         reason = trainer_task.result()
         grpo.stopping = True
         grpo.gate.set()
-        final_accuracy = await grpo.evaluate() if grpo.eval_rows else None
-        trained_ids = await services.replay_buffer.sampled_ids.call_one()
+        final_accuracy = await grpo.final_evaluation() if grpo.eval_rows else None
+        trained_ids = await asyncio.wait_for(services.replay_buffer.sampled_ids.call_one(), 60)
         (run_dir / "trained_episodes.json").write_text(json.dumps(trained_ids))
         window = grpo.rewards[-cfg.run.reward_window:]
         summary = {"reason": reason, "steps": grpo.step, "wall_s": time.monotonic() - started,

@@ -242,7 +242,7 @@ class WeightStore:
         return self._published_segment(version).size
 
     async def fetch(self, version: int, source: Any, chunk_bytes: int = 64 << 20, in_flight: int = 4,
-                    timeout_s: float = 600.0) -> int:
+                    timeout_s: float = 120.0, lock_timeout_s: float = 1800.0) -> int:
         """Copy ``version`` from a publisher on another host into this host's store.
 
         ``source`` is an actor (mesh) with ``weights_size(version)`` and
@@ -251,10 +251,10 @@ class WeightStore:
         that is renamed into place when complete, so the replicas of this host then load it
         from shared memory like a local version. One process of a host pulls at a time: a
         replica that finds the version already pulled by another uses that copy. Returns
-        the bytes this call pulled (0 when another process had). ``timeout_s`` bounds the
-        wait for the lock and each message.
+        the bytes this call pulled (0 when another process had). ``timeout_s`` bounds each
+        message; ``lock_timeout_s`` the wait for another process's pull of a large model.
         """
-        lock = await self._fetch_lock(timeout_s)
+        lock = await self._fetch_lock(lock_timeout_s)
         try:
             if self.find(version) is not None:
                 return 0
