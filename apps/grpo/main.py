@@ -263,10 +263,11 @@ class GRPORun:
         s = self.s
         singletons = list(s.singletons().values())
         services = list(s.services().values())
+        trainer_metrics = await s.trainer.metrics.call()  # alone, so a stall report names a hung trainer
         results = await asyncio.gather(
             *(actor._forge_drain_metrics.call() for actor in singletons),
             *(service._forge_drain_metrics.fanout() for service in services),
-            s.trainer.metrics.call(), s.policy.statistics(),
+            s.policy.statistics(),
         )
         parts = [drain_local_metrics()]
         for value_mesh in results[: len(singletons)]:
@@ -274,7 +275,7 @@ class GRPORun:
         for replicas in results[len(singletons): len(singletons) + len(services)]:
             parts += replicas
         merged = merge_metrics(parts)
-        trainer_metrics, stats = results[-2], results[-1]
+        stats = results[-1]
         for key, value in next(iter(trainer_metrics.values())).items():
             merged[f"trainer/{key}"] = float(value)
         merged["policy/healthy_replicas"] = float(stats.num_healthy)
