@@ -353,7 +353,9 @@ class GRPORun:
         for name, service in self.s.services().items():  # as started; rebuilt replicas get new pids
             for row in (await asyncio.wait_for(service.statistics(), 60)).replicas:
                 pids.update({pid: f"{name} replica {row.replica_id}" for pid in row.pids})
-        (self.run_dir / "processes.json").write_text(json.dumps({str(p): n for p, n in pids.items()}, indent=1))
+        partial = self.run_dir / "processes.json.partial"  # renamed into place: never read half-written
+        partial.write_text(json.dumps({str(p): n for p, n in pids.items()}, indent=1))
+        partial.replace(self.run_dir / "processes.json")
         stall_s = self.cfg.run.stall_timeout_s
         while True:
             await asyncio.sleep(0.5)

@@ -1,13 +1,14 @@
 """The GRPO application end to end on the tiny model: real services, real weight sync."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -54,6 +55,33 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip()]
 
 
+@contextlib.contextmanager
+def app_process(tmp_path: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """The app in a subprocess; when the block ends, nothing of it (Monarch processes, and
+    with hosts the workers) may be left running."""
+    tag = uuid.uuid4().hex
+    app = start_app(tmp_path, tag, *args)
+    try:
+        yield app
+        assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15), procs_with_env("FORGE_TEST_TAG", tag)
+    finally:
+        if app.poll() is None:
+            app.kill()
+        for pid in procs_with_env("FORGE_TEST_TAG", tag):
+            os.kill(pid, signal.SIGKILL)
+
+
+def pid_of(parent: Path, name: str) -> int:
+    processes = json.loads((only_run_dir(parent) / "processes.json").read_text())
+    return next(int(pid) for pid, what in processes.items() if what == name)
+
+
+def running_with_pids(parent: Path, steps: int) -> bool:
+    """The app's run directory has ``steps`` logged steps and its processes.json."""
+    run_dir = only_run_dir(parent)
+    return run_dir is not None and len(logged_steps(run_dir)) >= steps and (run_dir / "processes.json").exists()
+
+
 def only_run_dir(parent: Path) -> Path | None:
     dirs = [d for d in parent.iterdir() if d.is_dir()]
     return dirs[0] if len(dirs) == 1 else None
@@ -92,19 +120,13 @@ ON_HOSTS = ["hosts={source: process_job, groups: {gen: 1, train: 1}}",
 @pytest.mark.parametrize("fault,hosts", [("ctrl_c", False), ("trainer_dies", False), ("trainer_hangs", False),
                                          ("ctrl_c", True), ("trainer_dies", True)])
 def test_ctrl_c_and_a_dead_or_hung_trainer_end_the_run_quickly_and_cleanly(tmp_path, fault, hosts):
-    tag = uuid.uuid4().hex
-    app = start_app(tmp_path, tag, *QUICK, "run.max_steps=1000", f"run.output_dir={tmp_path}", "run.stall_timeout_s=8",
-                    *(ON_HOSTS if hosts else []))
-    try:
-        assert wait_until(lambda: only_run_dir(tmp_path) is not None and logged_steps(only_run_dir(tmp_path)), 240, 0.2)
-        run_dir = only_run_dir(tmp_path)
-        started = time.monotonic()
+    with app_process(tmp_path, *QUICK, "run.max_steps=1000", f"run.output_dir={tmp_path}", "run.stall_timeout_s=8",
+                     *(ON_HOSTS if hosts else [])) as app:
+        assert wait_until(lambda: running_with_pids(tmp_path, 1), 240, 0.2)
         if fault == "ctrl_c":
             app.send_signal(signal.SIGINT)
         else:
-            processes = json.loads((run_dir / "processes.json").read_text())
-            trainer_pid = next(int(pid) for pid, name in processes.items() if name == "trainer")
-            os.kill(trainer_pid, signal.SIGSTOP if fault == "trainer_hangs" else signal.SIGKILL)
+            os.kill(pid_of(tmp_path, "trainer"), signal.SIGSTOP if fault == "trainer_hangs" else signal.SIGKILL)
         out, err = app.communicate(timeout=60)
         if fault == "ctrl_c":
             assert app.returncode == 130 and "--resume" in err
@@ -113,40 +135,21 @@ def test_ctrl_c_and_a_dead_or_hung_trainer_end_the_run_quickly_and_cleanly(tmp_p
             assert "training loop (last step" in err and "s.trainer." in err, err[-3000:]  # it names the call it waits on
         else:
             assert app.returncode == 1 and "trainer" in err and "died" in err
-        # Nothing left: no Monarch process, and with hosts no worker either.
-        assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15), procs_with_env("FORGE_TEST_TAG", tag)
-    finally:
-        if app.poll() is None:
-            app.kill()
-        for pid in procs_with_env("FORGE_TEST_TAG", tag):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("hosts", [False, True])
 def test_a_killed_generator_is_rebuilt_with_the_current_weights_and_training_goes_on(tmp_path, hosts):
-    tag = uuid.uuid4().hex
-    app = start_app(tmp_path, tag, *QUICK, "run.max_steps=10", f"run.output_dir={tmp_path}", "run.eval_every=0",
-                    *(ON_HOSTS if hosts else []))
-    try:
-        assert wait_until(lambda: only_run_dir(tmp_path) is not None and len(logged_steps(only_run_dir(tmp_path))) >= 3,
-                          240, 0.2)
-        run_dir = only_run_dir(tmp_path)
-        processes = json.loads((run_dir / "processes.json").read_text())
-        policy_pid = next(int(pid) for pid, name in processes.items() if name == "policy replica 0")
-        os.kill(policy_pid, signal.SIGKILL)
+    with app_process(tmp_path, *QUICK, "run.max_steps=10", f"run.output_dir={tmp_path}", "run.eval_every=0",
+                     *(ON_HOSTS if hosts else [])) as app:
+        assert wait_until(lambda: running_with_pids(tmp_path, 3), 240, 0.2)
+        os.kill(pid_of(tmp_path, "policy replica 0"), signal.SIGKILL)
         out, err = app.communicate(timeout=200)
         # Rebuilt at version 0, the only generator would make episodes the buffer rejects as too
         # stale, and the trainer would wait for fresh ones forever; it catches up instead.
         assert app.returncode == 0, err[-3000:]
-        lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        lines = [json.loads(l) for l in (only_run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
         assert [l["step"] for l in lines] == list(range(1, 11)) and lines[-1]["policy/version"] == 10
-        assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15), procs_with_env("FORGE_TEST_TAG", tag)
-    finally:
-        if app.poll() is None:
-            app.kill()
-        for pid in procs_with_env("FORGE_TEST_TAG", tag):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.timeout(300)
