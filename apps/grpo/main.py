@@ -58,6 +58,7 @@ from forge.actors.reference_model import ReferenceModel
 from forge.actors.replay_buffer import ReplayBuffer
 from forge.actors.trainer import RLTrainer, save_atomically
 from forge.controller import actor_alive, init_hosts
+from forge.controller.service.client import is_infrastructure_error
 from forge.data.rewards import MathReward
 from forge.observability import drain_local_metrics, merge_metrics, record_metric
 from forge.observability.logger import RunLogger, plot_curves
@@ -279,6 +280,7 @@ class GRPORun:
         for key, value in next(iter(trainer_metrics.values())).items():
             merged[f"trainer/{key}"] = float(value)
         merged["policy/healthy_replicas"] = float(stats.num_healthy)
+        merged["policy/restarts"] = float(sum(r.num_restarts for r in stats.replicas))
         if self.generate_seconds:
             merged["generate/tokens_per_s"] = self.tokens_generated / self.generate_seconds
         self.tokens_generated, self.generate_seconds = 0, 0.0
@@ -502,6 +504,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ActorDied, RunStalled) as e:
         print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not is_infrastructure_error(e):
+            raise
+        # Monarch's supervision found a process of the run failed (dead, or silent past the
+        # host pool's failure_timeout_s); its message names the actor.
+        print(f"\nerror: {str(e).strip()}\nThe run cannot continue without that process. "
+              f"Resume from the last checkpoint with --resume {run_dir}", file=sys.stderr)
         return 1
     except ValueError as e:  # bad input found while placing the parts (e.g. GPUs a host does not have)
         print(f"\nerror: {e}", file=sys.stderr)

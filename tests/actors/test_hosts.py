@@ -104,7 +104,7 @@ async def _healthy(get):
 
 async def test_one_actor_on_two_hosts_gets_a_global_rank_layout_and_per_host_gpus(tag, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # every simulated host then has two GPUs
-    pool = await init_hosts({"source": "process_job", "groups": {"train": 2}})
+    pool = await init_hosts({"source": "process_job", "groups": {"train": 2}, "failure_timeout_s": 3})
     try:
         assert [h.gpus for h in pool.hosts] == [("0", "1"), ("0", "1")]
         actor = await Where.options(procs=2, hosts=2, host_group="train", with_gpus=True).as_actor()
@@ -163,7 +163,7 @@ from tests.actors.test_hosts import Where
 from forge.controller import init_hosts
 
 async def main():
-    await init_hosts({{"source": "process_job", "groups": {{"gen": 2}}, "lease_timeout_s": {lease}}})
+    await init_hosts({{"source": "process_job", "groups": {{"gen": 2}}, "lease_timeout_s": {lease}, "failure_timeout_s": 3}})
     service = await Where.options(num_replicas=2, hosts=1, host_group="gen").as_service()
     await service.where.fanout()
     print("ready", flush=True)

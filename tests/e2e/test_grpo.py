@@ -1,5 +1,6 @@
 """The GRPO application end to end on the tiny model: real services, real weight sync."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -72,7 +73,11 @@ def app_process(tmp_path: Path, *args: str) -> Iterator[subprocess.Popen]:
 
 
 def pid_of(parent: Path, name: str) -> int:
-    processes = json.loads((only_run_dir(parent) / "processes.json").read_text())
+    return pid_of_run(only_run_dir(parent), name)
+
+
+def pid_of_run(run_dir: Path, name: str) -> int:
+    processes = json.loads((run_dir / "processes.json").read_text())
     return next(int(pid) for pid, what in processes.items() if what == name)
 
 
@@ -150,17 +155,33 @@ def test_a_killed_generator_is_rebuilt_with_the_current_weights_and_training_goe
         assert app.returncode == 0, err[-3000:]
         lines = [json.loads(l) for l in (only_run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
         assert [l["step"] for l in lines] == list(range(1, 11)) and lines[-1]["policy/version"] == 10
+        assert lines[-1]["policy/restarts"] == 1
+
+
+async def pause_the_generator(run_dir: Path, seconds: float) -> bool:
+    """SIGSTOP the policy replica after the first logged step, SIGCONT it ``seconds`` later."""
+    while not (run_dir / "processes.json").exists() or not logged_steps(run_dir):
+        await asyncio.sleep(0.1)
+    os.kill(pid_of_run(run_dir, "policy replica 0"), signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        os.kill(pid_of_run(run_dir, "policy replica 0"), signal.SIGCONT)
+    return True
 
 
 @pytest.mark.timeout(300)
 async def test_policy_and_trainer_on_different_hosts_sync_weights_across_hosts(tmp_path, monkeypatch):
     tag = uuid.uuid4().hex
     monkeypatch.setenv("FORGE_TEST_TAG", tag)
-    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, QUICK + ["run.max_steps=3", f"run.output_dir={tmp_path}", *ON_HOSTS])
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, QUICK + ["run.max_steps=6", f"run.output_dir={tmp_path}", *ON_HOSTS])
+    pause = asyncio.ensure_future(pause_the_generator(tmp_path, seconds=8))
     summary = await run(cfg, tmp_path)
-    assert summary["steps"] == 3
+    assert summary["steps"] == 6 and pause.done() and pause.result()
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["policy/version"] == 3
+    assert lines[-1]["policy/version"] == 6
+    # Stopped for 8 s mid-run, the generator was waited for, not taken for dead (hosts.failure_timeout_s: 15).
+    assert lines[-1]["policy/restarts"] == 0
     # The generator is on another host than the trainer: every version was pulled across.
     pulled = [l.get("weight_sync/pulled_mb", 0) for l in lines]
     assert sum(pulled) > 0 and sum(p > 0 for p in pulled) >= 2, pulled

@@ -21,7 +21,7 @@ from forge.weights.store import WeightStore
     ({"groups": {"a": 0}}, "hosts.groups.a must be a number of hosts >= 1, got 0"),
     ({"groups": {"1bad": 1}}, "group name '1bad' must be a letter"),
     ({"source": "workers", "groups": {"gen": 2}}, r"needs a list of worker addresses such as \['tcp://node1:26600'\]"),
-    ({"groups": {"a": 1}, "lease_timeout_s": 6}, r"lease_timeout_s must be > failure_timeout_s \+ 2.0 s \(= 7.0"),
+    ({"groups": {"a": 1}, "lease_timeout_s": 16}, r"lease_timeout_s must be > failure_timeout_s \+ 2.0 s \(= 17.0"),
     ({"groups": {"a": 1}, "failure_timeout_s": 0}, "failure_timeout_s must be a positive number"),
     ({"groups": {"a": 1}, "slurm": {"partition": "gpu"}}, "hosts.slurm is only used with source 'slurm'"),
     ({"source": "slurm", "groups": {"a": 1}, "slurm": {"partiton": "gpu"}}, r"unknown SlurmJob option\(s\) \['partiton'\]"),
@@ -49,7 +49,7 @@ def test_a_slurm_config_becomes_a_monarch_slurm_job_without_submitting_anything(
 def test_a_process_job_tags_its_workers_with_the_job_id():
     job = make_job(HostsConfig.parse({"groups": {"gen": 3}}), "abc123")
     assert job._meshes == {"gen": 3} and job._env["FORGE_JOB_ID"] == "abc123"
-    assert job._env["HYPERACTOR_MESH_GET_PROC_STATE_MAX_IDLE"] == "5s"
+    assert job._env["HYPERACTOR_MESH_GET_PROC_STATE_MAX_IDLE"] == "15s"  # failure_timeout_s
 
 
 def test_ranks_map_to_the_hosts_of_their_placement():
