@@ -23,6 +23,7 @@ BAD = [
     (["metrics=[stdout]"], "metrics"),
     (["surprise=1"], "surprise"),
     (["run"], "key=value"),
+    (["hosts={source:process_job,groups:{gen:1}}"], "not valid YAML.*a space after each colon"),
 ]
 
 

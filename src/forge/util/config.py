@@ -84,10 +84,18 @@ def load_config(schema: type, path: str | Path | None, overrides: list[str] = ()
     from omegaconf import OmegaConf
 
     base = OmegaConf.load(path) if path else OmegaConf.create({})
+    dotlist = OmegaConf.create({})
     for override in overrides:
         if "=" not in override:
             raise ValueError(f"override {override!r} must look like key=value (e.g. policy.num_replicas=2)")
-    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        try:
+            dotlist = OmegaConf.merge(dotlist, OmegaConf.from_dotlist([override]))
+        except Exception as e:  # the value is not valid YAML (yaml / omegaconf errors)
+            reason = " ".join(str(e).split())
+            hint = "; a mapping needs a space after each colon, e.g. hosts={source: process_job, groups: {gen: 1}}"
+            raise ValueError(f"override {override!r}: its value is not valid YAML ({reason})"
+                             + (hint if "{" in override else "")) from None
+    merged = OmegaConf.merge(base, dotlist)
     return build(schema, OmegaConf.to_container(merged, resolve=True))
 
 
