@@ -44,6 +44,15 @@ def test_a_reader_waits_a_bounded_time_for_a_version_that_never_comes(store):
             pass
 
 
+async def test_waiting_for_a_version_already_replaced_fails_at_once_naming_the_newer_one(store):
+    for version in (11, 12):
+        store.publish({"w": torch.zeros(2)}, version)
+    assert store.newest_version() == 12
+    with pytest.raises(LookupError, match="version 11 .* replaced by version 12"):
+        await store.wait_for(11, timeout_s=60)  # would otherwise wait the whole minute
+    await store.wait_for(12, timeout_s=1)
+
+
 def test_stores_with_different_names_do_not_see_each_other(tmp_path):
     a, b = WeightStore("run-a", directory=tmp_path), WeightStore("run-b", directory=tmp_path)
     a.publish({"w": torch.zeros(1)}, 1)

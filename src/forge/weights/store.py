@@ -332,6 +332,13 @@ class WeightStore:
         matches = sorted(self.directory.glob(f"{PREFIX}.{self._key}.v{version}.*.bin"))
         return matches[-1] if matches else None
 
+    def newest_version(self) -> int | None:
+        """The highest version published on this host, if any."""
+        pattern = re.compile(re.escape(f"{PREFIX}.{self._key}.v") + r"(\d+)\..*\.bin")
+        versions = [int(m.group(1)) for p in self.directory.glob(f"{PREFIX}.{self._key}.v*.bin")
+                    if (m := pattern.fullmatch(p.name))]
+        return max(versions, default=None)
+
     @contextlib.contextmanager
     def open(self, version: int, timeout_s: float = 60.0) -> Iterator[dict[str, torch.Tensor]]:
         """Tensors of ``version``, mapped from shared memory (valid only inside the block)."""
@@ -408,6 +415,10 @@ class WeightStore:
         """Wait (without blocking the event loop) until ``version`` is on this host."""
         deadline = time.monotonic() + timeout_s
         while self.find(version) is None:
+            newest = self.newest_version()
+            if newest is not None and newest > version:  # it will never appear: fail now, not at the deadline
+                raise LookupError(f"weights version {version} of store {self.name!r} was replaced by version "
+                                  f"{newest} before it could be loaded")
             if time.monotonic() > deadline:
                 raise self._not_published(version, timeout_s)
             await asyncio.sleep(0.01)
