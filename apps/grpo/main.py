@@ -262,16 +262,18 @@ class GRPORun:
     async def collect_metrics(self) -> dict[str, float]:
         """Drain record_metric accumulators of every process and reduce them."""
         s = self.s
-        singletons = list(s.singletons().values())
+        singletons = [actor for name, actor in s.singletons().items() if name != "trainer"]
         services = list(s.services().values())
-        trainer_metrics = await s.trainer.metrics.call()  # alone, so a stall report names a hung trainer
+        # The trainer on a line of its own, so a stall report names a hung trainer.
+        trainer_metrics, trainer_drained = await asyncio.gather(s.trainer.metrics.call(),
+                                                                s.trainer._forge_drain_metrics.call())
         results = await asyncio.gather(
             *(actor._forge_drain_metrics.call() for actor in singletons),
             *(service._forge_drain_metrics.fanout() for service in services),
             s.policy.statistics(),
         )
         parts = [drain_local_metrics()]
-        for value_mesh in results[: len(singletons)]:
+        for value_mesh in [trainer_drained, *results[: len(singletons)]]:
             parts += [v for _, v in value_mesh.items()]
         for replicas in results[len(singletons): len(singletons) + len(services)]:
             parts += replicas
