@@ -55,13 +55,14 @@ from apps.grpo.actors import (  # noqa: F401  (the seeds import these from apps.
 from apps.grpo.config import GRPOConfig
 from forge.actors.policy import Policy
 from forge.actors.reference_model import ReferenceModel
-from forge.actors.replay_buffer import ReplayBuffer
+from forge.actors.replay_buffer import ReplayBuffer, write_sampled_ids_json
 from forge.actors.trainer import RLTrainer, save_atomically
-from forge.controller import actor_alive, init_hosts
+from forge.controller import HostRegistryLost, actor_alive, current_pool, drain_metrics, init_hosts
 from forge.controller.service.client import is_infrastructure_error
 from forge.data.rewards import MathReward
 from forge.observability import drain_local_metrics, merge_metrics, record_metric
 from forge.observability.logger import RunLogger, plot_curves
+from forge.observability.reward_window import RewardWindow
 from forge.util.config import load_config, to_dict
 from forge.util.tasks import await_chain
 
@@ -159,7 +160,7 @@ class GRPORun:
         self.cfg, self.run_dir, self.s = cfg, run_dir, services
         self.version = 0
         self.step = 0
-        self.rewards: list[float] = []  # per-step mean reward, for the stop criterion
+        self.rewards = RewardWindow(cfg.run.reward_window)  # last per-step mean rewards, for the stop criterion
         self.gate = asyncio.Event()  # set: rollouts may start new groups
         self.gate.set()
         self.in_flight = 0
@@ -264,19 +265,16 @@ class GRPORun:
         s = self.s
         singletons = [actor for name, actor in s.singletons().items() if name != "trainer"]
         services = list(s.services().values())
-        # The trainer on a line of its own, so a stall report names a hung trainer.
-        trainer_metrics, trainer_drained = await asyncio.gather(s.trainer.metrics.call(),
-                                                                s.trainer._forge_drain_metrics.call())
+        # The trainer on a line of its own, so a stall report names a hung trainer. A service
+        # replica lost during the drain only leaves its metrics of this step out.
+        trainer_metrics, trainer_drained = await asyncio.gather(s.trainer.metrics.call(), drain_metrics(s.trainer))
         results = await asyncio.gather(
-            *(actor._forge_drain_metrics.call() for actor in singletons),
-            *(service._forge_drain_metrics.fanout() for service in services),
+            *(drain_metrics(part) for part in [*singletons, *services]),
             s.policy.statistics(),
         )
-        parts = [drain_local_metrics()]
-        for value_mesh in [trainer_drained, *results[: len(singletons)]]:
-            parts += [v for _, v in value_mesh.items()]
-        for replicas in results[len(singletons): len(singletons) + len(services)]:
-            parts += replicas
+        parts = [drain_local_metrics(), *trainer_drained]
+        for drained in results[:-1]:
+            parts += drained
         merged = merge_metrics(parts)
         stats = results[-1]
         for key, value in next(iter(trainer_metrics.values())).items():
@@ -321,7 +319,7 @@ class GRPORun:
             trainer_path = folder / f"trainer-{self.step:08d}.pt"
             await self.s.trainer.save_checkpoint_to.call(str(trainer_path))
             state = {
-                "step": self.step, "version": self.version, "rewards": self.rewards,
+                "step": self.step, "version": self.version, "rewards": self.rewards.state_dict(),
                 "buffer": await self.s.replay_buffer.state_dict.call_one(),
                 "data": await self.s.dataloader.state_dict.call_one(),
                 "trainer": str(trainer_path.name),
@@ -342,7 +340,8 @@ class GRPORun:
         await self.s.trainer.load_checkpoint.call(str(folder / state["trainer"]))
         await self.s.replay_buffer.load_state_dict.call_one(state["buffer"])
         await self.s.dataloader.load_state_dict.call_one(state["data"])
-        self.step, self.version, self.rewards = state["step"], state["version"], state["rewards"]
+        self.step, self.version = state["step"], state["version"]
+        self.rewards = RewardWindow.from_state(self.cfg.run.reward_window, state["rewards"])  # or an old full list
         await self.s.trainer.push_weights.call(policy_version=self.version)
         await self.s.policy.update_weights.fanout(policy_version=self.version, source=self.s.trainer)
         truncate_metrics(run_dir / "metrics.jsonl", self.step)
@@ -355,8 +354,13 @@ class GRPORun:
             for _, pid in (await asyncio.wait_for(actor._forge_ping.call(), 60)).items():
                 pids[pid] = name
         for name, service in self.s.services().items():  # as started; rebuilt replicas get new pids
-            for row in (await asyncio.wait_for(service.statistics(), 60)).replicas:
+            stats = await service.statistics()
+            pids[stats.controller_pid] = f"{name} controller"
+            for row in stats.replicas:
                 pids.update({pid: f"{name} replica {row.replica_id}" for pid in row.pids})
+        pool = current_pool()
+        if pool is not None:
+            pids[pool.registry_pid] = "host registry"
         partial = self.run_dir / "processes.json.partial"  # renamed into place: never read half-written
         partial.write_text(json.dumps({str(p): n for p, n in pids.items()}, indent=1))
         partial.replace(self.run_dir / "processes.json")
@@ -365,6 +369,8 @@ class GRPORun:
             await asyncio.sleep(0.5)
             if stall_s is not None and time.monotonic() - self.progress["training loop"] > stall_s:
                 raise RunStalled(self.stall_report())
+            if pool is not None:
+                pool.check()  # raises HostRegistryLost
             for name, actor in self.s.singletons().items():
                 if not await actor_alive(actor):  # does not wait behind a busy actor's message
                     raise ActorDied(f"the {name} actor died (its process or host is gone); the run cannot continue "
@@ -422,6 +428,8 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
         else:  # the generators start from exactly the trainer's weights, version 0
             await services.trainer.push_weights.call(policy_version=0)
             await services.policy.update_weights.fanout(policy_version=0, source=services.trainer)
+        ids_file = run_dir / "trained_episodes.txt"  # every sampled id; cut back to the checkpoint on a resume
+        await services.replay_buffer.record_ids_to.call_one(str(ids_file))
         startup_s = time.monotonic() - started
         log = RunLogger(run_dir, cfg.metrics, cfg.run.max_steps, cfg.run.log_every, first_step=grpo.step)
         log.write(f"run directory: {run_dir}  (services up in {startup_s:.1f} s)")
@@ -440,21 +448,20 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
         grpo.stopping = True
         grpo.gate.set()
         final_accuracy = await grpo.final_evaluation() if grpo.eval_rows else None
-        trained_ids = await asyncio.wait_for(services.replay_buffer.sampled_ids.call_one(), 60)
-        (run_dir / "trained_episodes.json").write_text(json.dumps(trained_ids))
-        window = grpo.rewards[-cfg.run.reward_window:]
+        episodes_trained = await asyncio.wait_for(services.replay_buffer.num_sampled.call_one(), 60)
+        written = write_sampled_ids_json(ids_file, run_dir / "trained_episodes.json")
+        if written != episodes_trained:
+            logger.warning("%s lists %d episodes, the replay buffer sampled %d", ids_file, written, episodes_trained)
         summary = {"reason": reason, "steps": grpo.step, "wall_s": time.monotonic() - started,
-                   "startup_s": startup_s, "final_mean_reward": sum(window) / max(len(window), 1),
-                   "final_eval_accuracy": final_accuracy, "episodes_trained": len(trained_ids)}
-        if final_accuracy is not None:
-            log.history.append({"step": grpo.step, "eval/accuracy": final_accuracy})
-        history = log.history
+                   "startup_s": startup_s, "final_mean_reward": grpo.rewards.mean(),
+                   "best_mean_reward": grpo.rewards.best_mean,
+                   "final_eval_accuracy": final_accuracy, "episodes_trained": episodes_trained}
         log.close()
+        history = log.full_history()  # metrics.jsonl: every step, those before a resume too
         log = None
-        previous = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-            if (run_dir / "metrics.jsonl").exists() and resume else []
-        summary["plot"] = str(plot_curves(previous + history if resume else history, run_dir / "curves.png",
-                                          cfg.run.reward_window))
+        if final_accuracy is not None:
+            history.append({"step": grpo.step, "eval/accuracy": final_accuracy})
+        summary["plot"] = str(plot_curves(history, run_dir / "curves.png", cfg.run.reward_window))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:
@@ -504,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted; processes stopped. Resume with: python -m apps.grpo.main --resume {run_dir}",
               file=sys.stderr)
         return 130
-    except (ActorDied, RunStalled) as e:
+    except (ActorDied, RunStalled, HostRegistryLost) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
     except Exception as e:

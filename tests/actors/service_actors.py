@@ -76,6 +76,10 @@ class Worker(ForgeActor):
     async def hang(self) -> None:
         await asyncio.sleep(3600)
 
+    @endpoint
+    async def die(self) -> None:
+        os._exit(3)  # a request that crashes whatever process runs it
+
 
 class Gauge(ForgeActor):
     """Counts how many calls run at once (its endpoint interleaves)."""
@@ -99,6 +103,19 @@ class Gauge(ForgeActor):
 
 class Caller(ForgeActor):
     """Uses a service handle it was given, from inside its own process."""
+
+    def __init__(self) -> None:
+        self.held = None
+
+    @endpoint
+    async def hold(self, service) -> None:
+        """Keep a handle (and use it once, so this process knows the service's replicas)."""
+        self.held = service
+        await service.whoami.route()
+
+    @endpoint
+    async def use_held(self) -> list[int]:
+        return [(await self.held.whoami.route())["replica"] for _ in range(4)]
 
     @endpoint
     async def use(self, service) -> dict:

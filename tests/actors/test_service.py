@@ -167,6 +167,22 @@ async def test_hung_replica_is_found_by_the_probe_and_rebuilt():
         await service.shutdown()
 
 
+@pytest.mark.parametrize("poison", ["die", "hang"])
+async def test_a_request_that_takes_down_poison_threshold_replicas_fails_and_spares_the_rest(poison):
+    service = await Worker.options(
+        num_replicas=3, health_probe_interval_s=0.2, health_probe_timeout_s=1.5, max_retries=5
+    ).as_service()
+    try:
+        with pytest.raises(ReplicaFailed, match=rf"(?s){poison}\.route\(\) was running on 2 replicas.*poison_threshold=2"):
+            await getattr(service, poison).route()
+        await wait_all_healthy(service, 3)
+        stats = await service.statistics()
+        assert sorted(r.num_restarts for r in stats.replicas) == [0, 1, 1]  # the third replica was spared
+        assert len(await service.whoami.fanout()) == 3
+    finally:
+        await service.shutdown()
+
+
 async def test_a_handle_passed_to_another_actor_routes_sessions_and_fans_out_there():
     service = await Worker.options(num_replicas=2).as_service()
     caller = await Caller.as_actor()
@@ -179,6 +195,58 @@ async def test_a_handle_passed_to_another_actor_routes_sessions_and_fans_out_the
     finally:
         await Caller.shutdown(caller)
         await service.shutdown()
+
+
+async def test_a_killed_controller_is_replaced_its_replicas_adopted_and_no_call_fails():
+    before = set(monarch_descendants())
+    service = await Worker.options(num_replicas=2).as_service()
+    caller = await Caller.as_actor()
+    try:
+        await caller.hold.call_one(service)  # another process holds a handle from before the kill
+        replica_pids = [a["pid"] for a in await service.whoami.fanout()]
+        old = await service.statistics()
+        failures, completed, stop = [], [0], False
+
+        async def load():
+            while not stop:
+                try:
+                    await service.work.route(1, 0.01)
+                    completed[0] += 1
+                except Exception as e:  # noqa: BLE001 - any failure is what this test counts
+                    failures.append(e)
+
+        callers = [asyncio.ensure_future(load()) for _ in range(8)]
+        assert await async_wait_until(lambda: completed[0] >= 50, 30)
+        os.kill(old.controller_pid, signal.SIGKILL)
+
+        async def replaced():
+            stats = await service.statistics()
+            return stats.controller_incarnation == 1 and stats.num_healthy == 2
+
+        assert await async_wait_until(replaced, 30, 0.1)
+        new = await service.statistics()
+        assert new.controller_pid != old.controller_pid
+        assert [r.pids[0] for r in new.replicas] == replica_pids  # adopted, not rebuilt
+        done_at_swap = completed[0]
+        assert await async_wait_until(lambda: completed[0] >= done_at_swap + 50, 30)
+        assert sorted(await caller.use_held.call_one()) == [0, 0, 1, 1]  # found the new controller
+        # The new controller watches adopted replicas by pid: a dead one is rebuilt.
+        os.kill(replica_pids[0], signal.SIGKILL)
+
+        async def rebuilt():
+            stats = await service.statistics()
+            return stats.replicas[0].num_restarts == 1 and stats.num_healthy == 2
+
+        assert await async_wait_until(rebuilt, 30, 0.1)
+        done_at_rebuild = completed[0]
+        assert await async_wait_until(lambda: completed[0] >= done_at_rebuild + 50, 30)
+        stop = True
+        await asyncio.gather(*callers)
+        assert failures == []
+    finally:
+        await Caller.shutdown(caller)
+        await service.shutdown()
+    assert await async_wait_until(lambda: set(monarch_descendants()) <= before, 15)  # adopted ones too
 
 
 async def test_service_adverbs_that_do_not_apply_name_the_right_ones():

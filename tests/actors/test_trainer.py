@@ -2,7 +2,6 @@
 
 import asyncio
 import uuid
-from pathlib import Path
 
 import pytest
 import torch

@@ -16,6 +16,8 @@ import pytest
 from apps.grpo.config import GRPOConfig
 from apps.grpo.main import DEFAULT_CONFIG, run
 from forge.util.config import load_config
+from forge.util.failpoints import ENV as FAILPOINTS_ENV
+from forge.util.failpoints import arm, claimed_by
 from tests.helpers import monarch_procs_with_env, procs_with_env, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +45,8 @@ async def test_a_few_steps_of_the_real_pipeline_write_metrics_curves_and_summary
     assert len(ids) == len(set(ids)) == 64
 
 
-def start_app(tmp_path: Path, tag: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, FORGE_TEST_TAG=tag, PYTHONPATH=str(ROOT))
+def start_app(tmp_path: Path, tag: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, FORGE_TEST_TAG=tag, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.Popen([sys.executable, "-m", "apps.grpo.main", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -57,11 +59,11 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def app_process(tmp_path: Path, *args: str) -> Iterator[subprocess.Popen]:
+def app_process(tmp_path: Path, *args: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
     """The app in a subprocess; when the block ends, nothing of it (Monarch processes, and
     with hosts the workers) may be left running."""
     tag = uuid.uuid4().hex
-    app = start_app(tmp_path, tag, *args)
+    app = start_app(tmp_path, tag, *args, env=env)
     try:
         yield app
         assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15), procs_with_env("FORGE_TEST_TAG", tag)
@@ -156,6 +158,34 @@ def test_a_killed_generator_is_rebuilt_with_the_current_weights_and_training_goe
         lines = [json.loads(l) for l in (only_run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
         assert [l["step"] for l in lines] == list(range(1, 11)) and lines[-1]["policy/version"] == 10
         assert lines[-1]["policy/restarts"] == 1
+
+
+@pytest.mark.timeout(400)
+def test_the_generator_killed_mid_generation_mid_weight_update_and_mid_metrics_drain_the_run_still_finishes(tmp_path):
+    faults = tmp_path / "failpoints"
+    faults.mkdir()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    points = ["Policy.generate", "Policy.update_weights", "Policy.drain_metrics"]
+    with app_process(runs, *QUICK, "run.max_steps=12", f"run.output_dir={runs}", "run.eval_every=0",
+                     env={FAILPOINTS_ENV: str(faults)}) as app:
+        for number, point in enumerate(points, start=1):
+            assert wait_until(lambda: running_with_pids(runs, 2 * number), 240, 0.2), app_output(app)
+            arm(faults, point)  # the next policy replica to reach it stops there (SIGSTOP)
+            assert wait_until(lambda: claimed_by(faults, point) is not None, 60, 0.05), (point, app_output(app))
+            os.kill(claimed_by(faults, point), signal.SIGKILL)  # dies at exactly that point
+        out, err = app.communicate(timeout=300)
+        assert app.returncode == 0, err[-3000:]
+    lines = [json.loads(l) for l in (only_run_dir(runs) / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 13)) and lines[-1]["policy/version"] == 12
+    assert lines[-1]["policy/restarts"] == 3
+
+
+def app_output(app: subprocess.Popen) -> str:
+    """What a failed wait should show: the app's exit code and the end of its stderr, if it ended."""
+    if app.poll() is None:
+        return "the app is still running"
+    return f"the app exited with {app.returncode}: {app.stderr.read()[-3000:]}"
 
 
 async def pause_the_generator(run_dir: Path, seconds: float) -> bool:

@@ -1,6 +1,5 @@
 """Routers choose among healthy replicas without any processes."""
 
-import collections
 
 import pytest
 

@@ -1,6 +1,5 @@
 """The shared-memory weight store without processes: atomic versions, cleanup, sweep."""
 
-import os
 import subprocess
 import sys
 
@@ -36,6 +35,14 @@ def test_old_versions_are_dropped_and_close_removes_everything(store, tmp_path):
     assert store.find(1) is None and store.find(2) is None and store.find(3) is not None
     store.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_idle_segment_too_small_for_the_next_version_gives_its_space_back(store, tmp_path):
+    store.publish({"w": torch.zeros(10)}, 1)
+    store.publish({"w": torch.zeros(10)}, 2)  # version 1's segment is kept idle for reuse
+    store.publish({"w": torch.zeros(1000)}, 3)  # too big for it: it is removed, not kept for ever
+    assert len(list(tmp_path.iterdir())) == 2  # version 3, and version 2's segment (idle)
+    assert torch.equal(store.read(3)["w"], torch.zeros(1000))
 
 
 def test_a_reader_waits_a_bounded_time_for_a_version_that_never_comes(store):

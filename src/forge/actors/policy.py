@@ -25,6 +25,7 @@ from monarch.actor import concurrent_endpoint, endpoint
 from forge.controller import ForgeActor, replay_on_rebuild
 from forge.engine.config import EngineConfig, SamplingParams
 from forge.observability.metrics import record_metric
+from forge.util.failpoints import failpoint
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Policy(ForgeActor):
         """``n`` completions of ``prompt`` (a string or chat messages)."""
         params = self.sampling.merged(sampling_config)
         prompt_ids = self._encode(prompt)
+        failpoint("Policy.generate")
         started = time.monotonic()
         request = await self._engine.generate(prompt_ids, params)
         prompt_tensor = torch.tensor(prompt_ids, dtype=torch.long)
@@ -181,6 +183,7 @@ class Policy(ForgeActor):
                 record_metric("weight_sync/pulled_mb", pulled / 1e6, "sum")
                 record_metric("weight_sync/pull_s", time.monotonic() - started, "max")
         await self.store.wait_for(int(policy_version))  # never block this replica's event loop
+        failpoint("Policy.update_weights")
         with self.store.open(int(policy_version)) as published:
             await self._engine.update_weights(published, int(policy_version))
         return int(policy_version)

@@ -1,10 +1,12 @@
 """Forge's controller layer: ``ForgeActor`` (actors and services), host pools, routers and errors."""
 
 from forge.controller.actor import ForgeActor, actor_alive, replay_on_rebuild
+from forge.controller.drain import drain_metrics
 from forge.controller.errors import (
     EndpointError,
     ForgeError,
     ForgeUsageError,
+    HostRegistryLost,
     ReplicaFailed,
     ServiceUnavailable,
 )
@@ -21,6 +23,7 @@ __all__ = [
     "ForgeActor",
     "actor_alive",
     "replay_on_rebuild",
+    "drain_metrics",
     "HostsConfig",
     "HostPool",
     "init_hosts",
@@ -29,6 +32,7 @@ __all__ = [
     "EndpointError",
     "ForgeError",
     "ForgeUsageError",
+    "HostRegistryLost",
     "ReplicaFailed",
     "ServiceUnavailable",
     "Router",

@@ -51,11 +51,15 @@ from forge.controller.provisioner import (
     spawn_proc_mesh,
     stop_quietly,
 )
+from forge.util.failpoints import failpoint
+from forge.util.reaper import kill_tagged
 
 logger = logging.getLogger("forge.controller")
 
 _PING = "_forge_ping"
 _DRAIN = "_forge_drain_metrics"  # returns and resets the process's record_metric accumulators
+_CONTROLLER = "_forge_controller"  # a service replica's current controller, for handles that lost theirs
+_BUILT_IN = (_PING, _DRAIN, _CONTROLLER)
 # Names a service handle or a Monarch ActorMesh uses itself; an endpoint may not take them.
 _RESERVED_SERVICE_NAMES = {"session", "statistics", "shutdown"}
 _actor_counter = itertools.count()
@@ -99,7 +103,7 @@ def _run_to_completion(method: Any) -> Any:
 
 def _adapt_endpoints(cls: type) -> None:
     """Make a mix of sync and async endpoints legal, and add the health-probe endpoint."""
-    endpoints = {n: e for n, e in _endpoints_of(cls).items() if n not in (_PING, _DRAIN)}
+    endpoints = {n: e for n, e in _endpoints_of(cls).items() if n not in _BUILT_IN}
     is_async = {n: inspect.iscoroutinefunction(e._method) for n, e in endpoints.items()}
     if any(is_async.values()) and not all(is_async.values()):
         for name, prop in endpoints.items():
@@ -124,18 +128,32 @@ def _adapt_endpoints(cls: type) -> None:
         def ping(self: Any) -> int:
             return os.getpid()
 
+        def controller(self: Any, update: Any = None) -> Any:
+            return _current_controller(self, update)
+
         def drain(self: Any) -> dict:
+            failpoint(f"{type(self).__name__}.drain_metrics")
             return drain_local_metrics()
     else:
         async def ping(self: Any) -> int:
             return os.getpid()
 
+        async def controller(self: Any, update: Any = None) -> Any:
+            return _current_controller(self, update)
+
         async def drain(self: Any) -> dict:
+            failpoint(f"{type(self).__name__}.drain_metrics")
             return drain_local_metrics()
-    ping.__name__ = ping.__qualname__ = _PING
-    drain.__name__ = drain.__qualname__ = _DRAIN
-    setattr(cls, _PING, endpoint(ping))
-    setattr(cls, _DRAIN, endpoint(drain))
+    for function, name in ((ping, _PING), (drain, _DRAIN), (controller, _CONTROLLER)):
+        function.__name__ = function.__qualname__ = name
+        setattr(cls, name, endpoint(function))
+
+
+def _current_controller(actor: Any, update: Any) -> Any:
+    """``(incarnation, controller)`` of the service this replica belongs to; ``update`` replaces it."""
+    if update is not None:
+        actor._forge_current_controller = update
+    return getattr(actor, "_forge_current_controller", None)
 
 
 class ForgeActor(Actor):
@@ -283,12 +301,12 @@ class ForgeActor(Actor):
     @classmethod
     async def as_service(cls, *args: Any, **kwargs: Any) -> Any:
         """Spawn ``num_replicas`` replicas of ``procs`` processes each; returns a ServiceHandle."""
-        from forge.controller.service.controller import ServiceController, ServiceSpec
+        from forge.controller.service.controller import ServiceSpec
         from forge.controller.service.handle import ServiceHandle
 
         placement, options = cls._forge_placement, cls._forge_service_options
         base = cls._forge_base or cls
-        endpoints = tuple(sorted(n for n in _endpoints_of(base) if n not in (_PING, _DRAIN)))
+        endpoints = tuple(sorted(n for n in _endpoints_of(base) if n not in _BUILT_IN))
         clashes = sorted(set(endpoints) & _RESERVED_SERVICE_NAMES)
         if clashes:
             raise ValueError(
@@ -299,6 +317,7 @@ class ForgeActor(Actor):
         what = f"{base.__name__}.as_service()"
         request = cls._host_request(what)
         name = f"{base.__name__}_{next(_actor_counter)}"
+        service_id = uuid.uuid4().hex
         gpus = None
         if placement.with_gpus and request is None:
             flat = gpu_allocator.allocate(placement.procs * placement.num_replicas, what)
@@ -316,22 +335,21 @@ class ForgeActor(Actor):
             gpus_per_replica=gpus,
             has_setup="setup" in endpoints,
             hosts=request,
+            service_id=service_id,
         )
-        owner = _ServiceOwner(gpus)
+        owner = _ServiceOwner(spec, gpus)
         try:
-            env = {**CONTROLLER_ENV, **(supervision_env(request.failure_timeout_s) if request else {})}
-            owner.proc_mesh = spawn_proc_mesh(this_host(), 1, [env], name=f"{name}_controller")
-            controller = owner.proc_mesh.spawn(f"{name}_controller", ServiceController, spec)
-            membership = await controller.start.choose()
+            controller, membership = await owner.start_controller()
         except BaseException as e:
             await owner.stop()
             if type(e).__name__ == "ActorError" and getattr(e, "exception", None) is not None:
                 raise e.exception from None
             raise
         handle = ServiceHandle(
-            name, uuid.uuid4().hex, endpoints, placement, options, controller, membership, owner,
+            name, service_id, endpoints, placement, options, controller, membership, owner,
             replayed=_replayed_endpoints(base),
         )
+        handle._client().watch_as_owner(owner)  # replaces the controller if it dies
         if request is not None:  # the pool's shutdown stops it first, if the user has not
             owner.pool = current_pool()
             owner.pool.track(owner, handle.shutdown)
@@ -364,12 +382,14 @@ async def actor_alive(actor: Any) -> bool:
     if resources is None:
         raise ForgeUsageError(f"actor_alive() got {actor!r}, which is not a running actor from as_actor()")
     if resources.placement is not None:
+        resources.pool.check()  # a dead registry is not the actor's death: HostRegistryLost names it
         call = resources.request.registry.alive.call_one(resources.placement, list(resources.pids))
         try:
             return await asyncio.wait_for(call, 30)  # a registry silent this long raises TimeoutError
         except asyncio.TimeoutError:
             raise
-        except Exception:  # the registry is gone: the pool is shutting down
+        except Exception:  # the registry is gone: the pool is shutting down, or it died
+            resources.pool.check()
             return False
     return all(pid_alive(p) for p in resources.pids)
 
@@ -415,12 +435,58 @@ _actor_resources: dict[int, _ActorResources] = {}
 
 
 class _ServiceOwner:
-    """What only the creating process holds of a service: the controller's processes and GPUs."""
+    """What only the creating process holds of a service: the controller's processes and GPUs.
 
-    def __init__(self, gpus: Any) -> None:
+    It also replaces a dead (or hung) controller: the next incarnation adopts the replicas
+    the creating process last saw serving (see ``ServiceController``).
+    """
+
+    def __init__(self, spec: Any, gpus: Any) -> None:
+        self.spec = spec
         self.proc_mesh: Any = None
+        self.controller_pid = 0
+        self.incarnation = 0
         self.pool: Any = None  # the host pool its replicas run on
         self._gpus = [d for replica in gpus for d in replica] if gpus else []
+        from forge.controller.service.controller import CONTROLLER_OF_ENV
+
+        request = spec.hosts
+        self._env = {**CONTROLLER_ENV, CONTROLLER_OF_ENV: spec.service_id,
+                     **(supervision_env(request.failure_timeout_s) if request else {})}
+
+    def controller_alive(self) -> bool:
+        return self.controller_pid == 0 or pid_alive(self.controller_pid)
+
+    async def start_controller(self, adopted: Any = None, replays: tuple = ()) -> tuple[Any, Any]:
+        """Spawn a controller (the next incarnation when ``adopted`` is given); (controller, membership)."""
+        from forge.controller.service.controller import ServiceController
+
+        name = f"{self.spec.name}_controller_{self.incarnation}"
+        self.proc_mesh = spawn_proc_mesh(this_host(), 1, [self._env], name=name)
+        controller = self.proc_mesh.spawn(name, ServiceController, self.spec, self.incarnation)
+        # Starting runs every replica's spawn and setup (bounded by spawn_timeout_s) at once.
+        bound = self.spec.options.spawn_timeout_s + 60
+        try:
+            membership = await asyncio.wait_for(controller.start.choose(controller, adopted, replays), bound)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"service {self.spec.name!r}: its controller did not start within {bound:.0f} s "
+                               "(spawn_timeout_s + 60)") from None
+        self.controller_pid = membership.controller_pid
+        return controller, membership
+
+    async def replace_controller(self, membership: Any, replays: tuple) -> tuple[Any, Any]:
+        """Kill the current controller (dead or hung) and start the next one, adopting ``membership``."""
+        from forge.controller.service.controller import CONTROLLER_OF_ENV
+
+        old_mesh, old_pid = self.proc_mesh, self.controller_pid
+        if old_pid:  # a hung controller; a pid that is no longer it is left alone
+            kill_tagged([old_pid], CONTROLLER_OF_ENV, self.spec.service_id)
+        if old_mesh is not None:
+            await stop_quietly(old_mesh, 5.0)
+        self.incarnation += 1
+        logger.warning("service %s: its controller (pid %d) is gone; starting controller %d to take over",
+                       self.spec.name, old_pid, self.incarnation)
+        return await self.start_controller(membership, replays)
 
     async def stop(self) -> None:
         if self.pool is not None:

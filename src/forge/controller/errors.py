@@ -67,6 +67,12 @@ class ServiceUnavailable(ForgeError):
     """No healthy replica could take a call within the service's ``unavailable_timeout_s``."""
 
 
+class HostRegistryLost(ForgeError):
+    """The host pool's registry process died. Forge does not replace it: it held the
+    pool's leases and placements, so the pool (and a run on it) cannot go on. Restart
+    the job; a GRPO run resumes from its last checkpoint with ``--resume``."""
+
+
 class ReplicaFailed(ForgeError):
     """A replica's processes died, hung, or failed to start."""
 

@@ -42,6 +42,7 @@ class ServiceOptions:
     health_probe_timeout_s: float = 30.0  # a replica silent this long is hung and is rebuilt
     unavailable_timeout_s: float = 60.0  # how long route() waits for a healthy replica
     max_retries: int = 3  # resends of one route() call after the replica running it failed
+    poison_threshold: int = 2  # a route() call that took down this many replicas fails, not resent
     spawn_timeout_s: float = 600.0  # bound on spawning a replica and running its setup
     max_restarts: int = 3  # restarts of one replica within restart_window_s before cool-down
     restart_window_s: float = 60.0
@@ -103,6 +104,7 @@ def _validate_service(s: ServiceOptions) -> ServiceOptions:
     _check_int("max_concurrent_requests", s.max_concurrent_requests, 1)
     _check_int("max_restarts", s.max_restarts, 1)
     _check_int("max_retries", s.max_retries, 0)
+    _check_int("poison_threshold", s.poison_threshold, 1)
     _check_bool("all_ranks", s.all_ranks)
     _check_bool("fanout_partial", s.fanout_partial)
     seconds = {

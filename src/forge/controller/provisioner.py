@@ -31,26 +31,32 @@ CONTROLLER_ENV = {
 }
 
 _runtime_lock = threading.Lock()
-_runtime_ready = False
 
 
 def _forge_fault_hook(failure: Any) -> None:
-    """Keep the client alive when a child mesh fails; Forge's owners deal with it."""
-    logger.warning("a Forge process failed and its owner was told: %s", str(failure)[:500])
+    """Keep the client alive when a child mesh fails; Forge's owners deal with it.
+
+    It must never raise: Monarch treats a hook that raises as an unhandled fault and
+    exits the process (with code 1 when it cannot interrupt the main thread).
+    """
+    try:
+        logger.warning("a Forge process failed and its owner was told: %s", str(failure)[:500])
+    except BaseException:  # noqa: BLE001 - e.g. logging torn down at exit; the fault is handled either way
+        pass
 
 
 def ensure_runtime() -> None:
-    """Install Forge's Monarch fault hook once, unless the user installed their own."""
-    global _runtime_ready
-    with _runtime_lock:
-        if _runtime_ready:
-            return
-        import monarch.actor
-        from monarch._src.actor import supervision
+    """Install Forge's Monarch fault hook, unless the user installed their own.
 
+    Checked on every spawn, not once: the default hook exits the client when any child
+    process dies, so it must not come back (e.g. after a library or test restored it).
+    """
+    import monarch.actor
+    from monarch._src.actor import supervision
+
+    with _runtime_lock:
         if monarch.actor.unhandled_fault_hook is supervision.unhandled_fault_hook:
             monarch.actor.unhandled_fault_hook = _forge_fault_hook
-        _runtime_ready = True
 
 
 def free_port() -> int:
@@ -160,9 +166,12 @@ def spawn_proc_mesh(host: Any, num_procs: int, envs: list[dict[str, str]], name:
     """Spawn ``num_procs`` processes on ``host`` (a Monarch HostMesh), rank i with ``envs[i]``."""
     from monarch.actor import default_bootstrap_cmd
 
+    from forge.util.secret import SECRET_ENV, run_secret
+
     base = default_bootstrap_cmd()
+    secret = {SECRET_ENV: run_secret()}  # processes of one client agree on weight-store file names
 
     def command_for(point: Any) -> Any:
-        return base.with_env(envs[point.rank])
+        return base.with_env({**secret, **envs[point.rank]})
 
     return host.spawn_procs(per_host={"procs": num_procs}, bootstrap_command=command_for, name=name)

@@ -1,14 +1,21 @@
 """Metric backends for a run: console (progress bar + compact table), JSONL, TensorBoard,
-and Weights & Biases in offline mode — the last two only when installed."""
+and Weights & Biases in offline mode — the last two only when installed.
+
+A long run logs one record a step, so ``RunLogger.history`` keeps only the latest
+``history_size`` of them in memory; the complete record is ``metrics.jsonl`` in the run
+directory, which ``read_history`` (or ``RunLogger.full_history``) reads back for the curves
+and the summary at the end of a run, including the steps before a resume.
+"""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 logger = logging.getLogger("forge.metrics")
 
@@ -16,17 +23,19 @@ CONSOLE_KEYS = [("reward/mean", "reward"), ("eval/accuracy", "eval acc"), ("trai
                 ("trainer/kl", "kl"), ("trainer/entropy", "entropy"), ("time/step_s", "step s"),
                 ("time/weight_sync_s", "sync s"), ("generate/tokens_per_s", "gen tok/s"),
                 ("buffer/staleness", "stale")]
+HISTORY_SIZE = 1000  # records kept in memory; metrics.jsonl has all of them
 
 
 class RunLogger:
     """Writes each step's metrics to the chosen backends under ``run_dir``."""
 
     def __init__(self, run_dir: Path, backends: list[str], total_steps: int, log_every: int,
-                 first_step: int = 0) -> None:
+                 first_step: int = 0, history_size: int = HISTORY_SIZE) -> None:
         self.run_dir = run_dir
         self.log_every = log_every
-        self.history: list[dict[str, Any]] = []
-        self._jsonl = open(run_dir / "metrics.jsonl", "a") if "jsonl" in backends else None
+        self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=history_size)  # the latest
+        self.jsonl_path = run_dir / "metrics.jsonl" if "jsonl" in backends else None
+        self._jsonl = open(self.jsonl_path, "a") if self.jsonl_path else None
         self._tensorboard = self._open_tensorboard() if "tensorboard" in backends else None
         self._wandb = self._open_wandb() if "wandb" in backends else None
         self._bar = None
@@ -91,6 +100,15 @@ class RunLogger:
             return header + "\n" + row
         return row
 
+    def full_history(self) -> list[dict[str, Any]]:
+        """Every record of the run, read back from ``metrics.jsonl`` (with the steps logged
+        before a resume); without the jsonl backend only the in-memory latest records."""
+        if self.jsonl_path is None:
+            return list(self.history)
+        if self._jsonl and not self._jsonl.closed:
+            self._jsonl.flush()
+        return read_history(self.jsonl_path)
+
     def write(self, text: str) -> None:
         if self._bar is not None:
             self._bar.write(text)
@@ -108,7 +126,13 @@ class RunLogger:
             self._wandb.finish()
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path, window: int = 10) -> Path:
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, in order; blank lines are skipped."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: Path, window: int = 10) -> Path:
     """A PNG with the reward (per step and moving mean) and eval accuracy curves."""
     import matplotlib
 

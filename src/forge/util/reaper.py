@@ -34,18 +34,43 @@ def pid_alive(pid: int) -> bool:
     return _start_time(pid) is not None
 
 
-def has_job_id(pid: int, job_id: str) -> bool:
-    """Whether process ``pid``'s environment carries ``FORGE_JOB_ID=job_id``."""
+def has_env(pid: int, key: str, value: str) -> bool:
+    """Whether process ``pid``'s environment carries ``key=value``."""
     try:  # fails for a process that is gone or another user's
         with open(f"/proc/{pid}/environ", "rb") as f:
-            return f"{JOB_ID_ENV}={job_id}".encode() in f.read().split(b"\0")
+            return f"{key}={value}".encode() in f.read().split(b"\0")
     except OSError:
         return False
 
 
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Every live process on this machine (but this one) whose environment has ``key=value``."""
+    me = os.getpid()
+    return [int(e) for e in os.listdir("/proc")
+            if e.isdigit() and int(e) != me and has_env(int(e), key, value) and pid_alive(int(e))]
+
+
+def kill_tagged(pids: "list[int] | tuple[int, ...]", key: str, value: str) -> list[int]:
+    """SIGKILL those of ``pids`` whose environment still carries ``key=value``; the ones killed.
+
+    Pids are reused (``pid_max`` may be 32768, and every thread takes one): a pid remembered
+    from a process that has since died may now be anyone's. Forge only kills a pid whose
+    environment proves it is still the process it means.
+    """
+    killed = []
+    for pid in pids:
+        if has_env(pid, key, value):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
 def processes_of_job(job_id: str) -> list[int]:
     """Every process on this machine (but this one) that belongs to the job."""
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid() and has_job_id(int(e), job_id)]
+    return processes_with_env(JOB_ID_ENV, job_id)
 
 
 def reap(client_pid: int, job_id: str, interval_s: float = 0.5) -> int:

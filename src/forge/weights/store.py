@@ -7,11 +7,36 @@ each generator maps that file and copies the tensors straight into its model.
 
 * A reader never sees a half-written version: the file is written under a temporary
   name and renamed into place when complete (rename is atomic).
-* Files are created with ``O_EXCL`` and mode ``0600`` (owner only) and carry a unique
-  store name and the owner's pid: ``forge-w.<store>.v<version>.<pid>.bin``. On a host
-  of a host pool the store name is ``<store>@<host>`` (``$FORGE_HOST``): each host has its
-  own store even when simulated hosts share one machine, and a generator on another
-  host than the trainer pulls a version across (``fetch``).
+* Names: ``forge-w.<store>.v<version>.<token>.<pid>.bin``. On a host of a host pool the
+  store name is ``<store>@<host>`` (``$FORGE_HOST``): each host has its own store even
+  when simulated hosts share one machine, and a generator on another host than the
+  trainer pulls a version across (``fetch``).
+* Other local users: ``/dev/shm`` is shared by every user of the machine, so a name they
+  can guess is a name they can take first (a publish then fails) or plant a file or a
+  symbolic link under (a generator would then load their bytes as weights). Hence:
+
+  - The ``<token>`` makes names unguessable. It is an HMAC of the store name under the
+    run's secret: ``$FORGE_WEIGHT_STORE_SECRET``, else a secret drawn once per process
+    (``run_secret()``). Processes agree on a store by name exactly when they share that
+    secret, so Forge passes it to every process it spawns (the provisioner puts it in
+    each rank's environment), and a pickled ``WeightStore`` carries its token (an actor
+    given the object itself needs no secret). Not one random token per ``WeightStore``:
+    a store is opened by name in every process (trainer, each replica), and two stores
+    of one process are one user anyway.
+  - Every file a reader uses is checked on the open descriptor (``O_NOFOLLOW`` then
+    ``fstat``, so it cannot be swapped between check and use): a regular file of this
+    process's user that no one else may read or write (what the store creates: mode
+    ``0600``, ``O_EXCL``). A listed file that fails (``find``, ``newest_version``) is
+    skipped and logged once; opening one (the mapped version, the pull lock) raises a
+    ``PermissionError`` naming the path and its owner.
+  - ``sweep_stale_segments`` only ever deletes this user's files (``lstat``, never
+    following a link); other users' runs are not its business.
+* Running out of room is an error, not a crash: a write into a mapping of a file on a
+  full tmpfs is a SIGBUS that kills the process (``ftruncate`` succeeds regardless). A
+  new segment (a publish, or a pull from another host) first checks the directory's free
+  space, then reserves its pages with ``posix_fallocate``, so a tmpfs filled meanwhile by
+  another process fails there too: ``WeightStoreFull`` (an ``OSError``, ``ENOSPC``) says
+  how much was needed and free, and what to do. Reusing a segment needs no new space.
 * Segments are reused: the publisher keeps each file mapped and, once a version is
   older than the ``keep`` newest, hides it (renames it to an idle name) and later writes
   a new version into it in place — no page faults, no zeroing of fresh pages, so a push
@@ -31,11 +56,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
+import hashlib
+import hmac
 import json
+import logging
 import mmap
 import os
+import pwd
 import re
+import stat
 import struct
 import time
 import uuid
@@ -44,11 +75,134 @@ from typing import Any, Iterator
 
 import torch
 
+from forge.util.secret import SECRET_ENV, run_secret
+
 PREFIX = "forge-w"
 _ALIGN = 64
 _OWNER = re.compile(r"\.(?P<pid>\d+)\.bin(\.[0-9a-f]+\.tmp)?$")  # final and staging names
 _STORE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"^[0-9a-f]{16,64}$")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # pre-fault the mapping in one go (Linux)
+
+logger = logging.getLogger("forge.weights")
+_reported: set[str] = set()  # unsafe files already logged (once each)
+
+
+class WeightStoreFull(OSError):
+    """No room in the store's directory for a new segment (``errno.ENOSPC``): raised
+    instead of the SIGBUS that writing into a mapping of a full tmpfs would deliver."""
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes} bytes ({nbytes / 2**20:.1f} MiB)"
+
+
+def _store_full(directory: Path, needed: int) -> WeightStoreFull:
+    fs = os.statvfs(directory)
+    return WeightStoreFull(
+        errno.ENOSPC,
+        f"no room for weights in {directory}: a new segment needs {_size(needed)} but only "
+        f"{_size(fs.f_bavail * fs.f_frsize)} of its {_size(fs.f_blocks * fs.f_frsize)} are free. Free space there "
+        f"(stale {PREFIX}.* files of other runs?), enlarge it (docker: --shm-size; or "
+        f"mount -o remount,size=... /dev/shm), or give the store another directory: WeightStore(directory=...)",
+    )
+
+
+def _ensure_space(directory: Path, needed: int) -> None:
+    """Raise ``WeightStoreFull`` unless ``directory`` has ``needed`` bytes free."""
+    fs = os.statvfs(directory)
+    if -(-needed // fs.f_frsize) * fs.f_frsize > fs.f_bavail * fs.f_frsize:
+        raise _store_full(directory, needed)
+
+
+def _reserve(fd: int, path: Path, size: int) -> None:
+    """Allocate a new file's pages now: on a tmpfs filled since ``_ensure_space`` (by
+    another process) this fails with ENOSPC, where a write into the mapping would SIGBUS."""
+    if not hasattr(os, "posix_fallocate"):
+        return  # not Linux: the free-space check alone guards
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return  # a filesystem without it: the free-space check alone guards
+        if e.errno == errno.ENOSPC:
+            raise _store_full(path.parent, size) from None
+        raise
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _problem(st: os.stat_result, private: bool = True) -> str | None:
+    """Why a weight file with this status must not be used, or None. The store makes
+    regular files of this process's user, mode 0600 (``private``: no other bits)."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"is owned by {_owner(st.st_uid)}, not by this process's user {_owner(os.geteuid())}"
+    if private and st.st_mode & 0o077:
+        return f"has mode {stat.filemode(st.st_mode)}, open to other users (the store makes -rw-------)"
+    return None
+
+
+def _refusal(path: Path, problem: str) -> PermissionError:
+    return PermissionError(
+        errno.EPERM,
+        f"refusing weight store file {path}: it {problem}. Another local user may have planted it; "
+        "remove it (as its owner or root) or give the store a private directory: WeightStore(directory=...)",
+    )
+
+
+def _open_private(path: Path, flags: int, private: bool = True) -> int:
+    """``os.open`` a file of the store, checked on the descriptor (``O_NOFOLLOW`` +
+    ``fstat``: it cannot be swapped between check and use). ``PermissionError`` names
+    the path and its owner when it is a link or not this user's private file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.EACCES, errno.EPERM):
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            problem = _problem(os.lstat(path), private)
+            if problem is not None:
+                raise _refusal(path, problem) from None
+        raise
+    problem = _problem(os.fstat(fd), private)
+    if problem is not None:
+        os.close(fd)
+        raise _refusal(path, problem)
+    return fd
+
+
+def _trusted(path: Path) -> bool:
+    """Whether a listed weight file may be used (``lstat``: a link is never followed);
+    one that may not is logged once and skipped."""
+    try:
+        problem = _problem(os.lstat(path))
+    except FileNotFoundError:
+        return False
+    if problem is not None and str(path) not in _reported:
+        _reported.add(str(path))
+        logger.warning("ignoring weight store file %s: it %s; another local user may have planted it", path, problem)
+    return problem is None
+
+
+def _is_mine(path: Path) -> bool:
+    """Whether ``path`` is a regular file of this process's user (``lstat``, no link followed)."""
+    try:
+        return _problem(os.lstat(path), private=False) is None
+    except FileNotFoundError:
+        return False
+
+
+def _derive_token(name: str) -> str:
+    return hmac.new(run_secret().encode(), name.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 class _Segment:
@@ -59,15 +213,19 @@ class _Segment:
 
     @classmethod
     def create(cls, path: Path, size: int) -> "_Segment":
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        """A new file of ``size`` bytes, its pages reserved (``WeightStoreFull`` if they
+        cannot be) and mapped; nothing is left behind on failure."""
+        size = max(size, 1)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, max(size, 1))
-            buffer = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | _POPULATE)
+            os.ftruncate(fd, size)
+            _reserve(fd, path, size)
+            buffer = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-        return cls(path, fd, buffer, max(size, 1))
+        return cls(path, fd, buffer, size)
 
     def try_lock(self) -> bool:
         try:
@@ -113,10 +271,13 @@ def _is_alive(pid: int) -> bool:
 
 
 def sweep_stale_segments(directory: Path | None = None) -> list[Path]:
-    """Delete weight files (finished or half-written) whose owner process is gone."""
+    """Delete this user's weight files (finished or half-written) whose owner process is
+    gone, and pull locks nobody holds. Other users' files are skipped, never touched."""
     directory = directory or default_directory()
     removed = []
     for path in [*directory.glob(f"{PREFIX}.*"), *directory.glob(f".{PREFIX}.*")]:
+        if not _is_mine(path):
+            continue  # another user's run (or not a file the store makes): not ours to judge
         owner = _OWNER.search(path.name)
         if owner is not None and not _is_alive(int(owner["pid"])):
             with contextlib.suppress(FileNotFoundError):
@@ -128,11 +289,11 @@ def sweep_stale_segments(directory: Path | None = None) -> list[Path]:
 
 
 def _remove_if_unlocked(path: Path) -> bool:
-    """Delete a lock file nobody holds; whether it was deleted."""
+    """Delete a lock file of this user that nobody holds; whether it was deleted."""
     try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return False
+        fd = _open_private(path, os.O_RDWR, private=False)
+    except (FileNotFoundError, PermissionError):
+        return False  # gone, or a link or another user's file: not ours to delete
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         path.unlink()
@@ -146,13 +307,20 @@ def _remove_if_unlocked(path: Path) -> bool:
 class WeightStore:
     """Versioned weights of one run on this host. See the module docstring."""
 
-    def __init__(self, name: str | None = None, directory: str | os.PathLike | None = None, keep: int = 1) -> None:
+    def __init__(self, name: str | None = None, directory: str | os.PathLike | None = None, keep: int = 1,
+                 token: str | None = None) -> None:
+        """``token`` (a store's ``token``) names the files; by default it derives from
+        ``name`` and the run's secret, so processes of one run agree on it."""
         name = name or default_store_name()
         if not _STORE_NAME.match(name):
             raise ValueError(f"weight store name {name!r} may only use letters, digits, '-' and '_'")
         if keep < 1:
             raise ValueError(f"weight store keep must be >= 1, got {keep}")
+        if token is not None and not _TOKEN.match(token):
+            raise ValueError(f"weight store token must be 16 to 64 lowercase hex digits (another store's .token), "
+                             f"got {len(token)} characters")
         self.name = name
+        self.token = token or _derive_token(name)
         # Stores are per host: on a host-pool host ($FORGE_HOST) the files carry the host's
         # name, so hosts sharing one machine (simulated hosts) still each have their own.
         host = os.environ.get("FORGE_HOST")
@@ -163,21 +331,38 @@ class WeightStore:
         self._idle: list[_Segment] = []  # dropped versions' segments, ready for reuse
         self._mapped: collections.OrderedDict[int, tuple[Any, mmap.mmap]] = collections.OrderedDict()
 
+    def _version_prefix(self, version: int) -> str:
+        return f"{PREFIX}.{self._key}.v{version}.{self.token}."
+
+    def _hidden_path(self, kind: str) -> Path:
+        """A new name for a segment readers must not see (being written, or idle)."""
+        return self.directory / f".{PREFIX}.{self._key}.{self.token}.{kind}{uuid.uuid4().hex[:8]}.{os.getpid()}.bin"
+
     # ---- writing (the trainer) ---------------------------------------------------
 
     def _segment_for(self, size: int) -> _Segment:
-        """An idle segment nobody reads, at least ``size`` bytes, or a new one."""
+        """An idle segment nobody reads, at least ``size`` bytes, or a new one
+        (``WeightStoreFull`` when the directory has no room for it)."""
         for segment in self._idle:
             if segment.size >= size and segment.try_lock():
                 self._idle.remove(segment)
                 return segment
-        name = f".{PREFIX}.{self._key}.seg{uuid.uuid4().hex[:8]}.{os.getpid()}.bin"
-        segment = _Segment.create(self.directory / name, size)
+        self._release_small_idle(size)
+        _ensure_space(self.directory, size)  # a new segment: fail here, not with SIGBUS at the first write
+        segment = _Segment.create(self._hidden_path("seg"), size)
         segment.try_lock()
         return segment
 
+    def _release_small_idle(self, size: int) -> None:
+        """Remove idle segments smaller than ``size`` that nobody reads: versions only grow
+        (a longer header), so they would hold shared memory without ever being reused."""
+        for segment in [s for s in self._idle if s.size < size and s.try_lock()]:
+            self._idle.remove(segment)
+            segment.destroy()
+
     def publish(self, state_dict: dict[str, torch.Tensor], version: int) -> Path:
-        """Write ``state_dict`` as ``version``; visible to readers only once complete."""
+        """Write ``state_dict`` as ``version``; visible to readers only once complete.
+        ``WeightStoreFull`` (an ``OSError``) when the directory has no room for it."""
         if not self._published and not self._idle:
             sweep_stale_segments(self.directory)
         entries, offset = [], 0
@@ -206,7 +391,7 @@ class WeightStore:
         segment = self._segment_for(size)
         try:
             yield segment.buffer
-            segment.rename(self.directory / f"{PREFIX}.{self._key}.v{version}.{os.getpid()}.bin")
+            segment.rename(self.directory / f"{self._version_prefix(version)}{os.getpid()}.bin")
             segment.unlock()
         except BaseException:
             segment.destroy()
@@ -230,7 +415,7 @@ class WeightStore:
 
     def _published_segment(self, version: int) -> _Segment:
         for segment in self._published:
-            if segment.path.name.startswith(f"{PREFIX}.{self._key}.v{version}."):
+            if segment.path.name.startswith(self._version_prefix(version)):
                 return segment
         raise ValueError(f"weights version {version} of store {self.name!r} is not published by this process")
 
@@ -253,6 +438,8 @@ class WeightStore:
         replica that finds the version already pulled by another uses that copy. Returns
         the bytes this call pulled (0 when another process had). ``timeout_s`` bounds each
         message; ``lock_timeout_s`` the wait for another process's pull of a large model.
+        ``WeightStoreFull`` before any chunk is pulled when this host has no room for it;
+        ``PermissionError`` when the pull lock file is a link or another user's.
         """
         lock = await self._fetch_lock(lock_timeout_s)
         try:
@@ -264,7 +451,7 @@ class WeightStore:
             os.close(lock)
 
     def _fetch_lock_path(self) -> Path:
-        return self.directory / f".{PREFIX}.{self._key}.fetch.lock"
+        return self.directory / f".{PREFIX}.{self._key}.{self.token}.fetch.lock"
 
     async def _fetch_lock(self, timeout_s: float) -> int:
         """This host's pull lock of the store: an exclusive flock, waited for without blocking the loop.
@@ -275,7 +462,7 @@ class WeightStore:
         deadline = time.monotonic() + timeout_s
         path = self._fetch_lock_path()
         while True:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            fd = _open_private(path, os.O_CREAT | os.O_RDWR)  # PermissionError: a link or not ours
             try:
                 while True:
                     try:
@@ -289,7 +476,7 @@ class WeightStore:
                             ) from None
                         await asyncio.sleep(0.02)
                 with contextlib.suppress(FileNotFoundError):
-                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    if os.lstat(path).st_ino == os.fstat(fd).st_ino:
                         return fd
             except BaseException:
                 os.close(fd)
@@ -325,23 +512,28 @@ class WeightStore:
         self._published.append(segment)
         while len(self._published) > self.keep:
             old = self._published.pop(0)
-            old.rename(self.directory / f".{PREFIX}.{self._key}.idle{uuid.uuid4().hex[:8]}.{os.getpid()}.bin")
+            old.rename(self._hidden_path("idle"))
             self._idle.append(old)
 
     def find(self, version: int) -> Path | None:
-        matches = sorted(self.directory.glob(f"{PREFIX}.{self._key}.v{version}.*.bin"))
+        """The file of ``version`` on this host, if any (files that fail the owner and mode
+        checks are skipped: see the module docstring)."""
+        matches = sorted(p for p in self.directory.glob(f"{self._version_prefix(version)}*.bin") if _trusted(p))
         return matches[-1] if matches else None
 
     def newest_version(self) -> int | None:
         """The highest version published on this host, if any."""
-        pattern = re.compile(re.escape(f"{PREFIX}.{self._key}.v") + r"(\d+)\..*\.bin")
-        versions = [int(m.group(1)) for p in self.directory.glob(f"{PREFIX}.{self._key}.v*.bin")
-                    if (m := pattern.fullmatch(p.name))]
+        pattern = re.compile(re.escape(f"{PREFIX}.{self._key}.v") + r"(\d+)"
+                             + re.escape(f".{self.token}.") + r"\d+\.bin")
+        versions = [int(m.group(1)) for p in self.directory.glob(f"{PREFIX}.{self._key}.v*.{self.token}.*.bin")
+                    if (m := pattern.fullmatch(p.name)) and _trusted(p)]
         return max(versions, default=None)
 
     @contextlib.contextmanager
     def open(self, version: int, timeout_s: float = 60.0) -> Iterator[dict[str, torch.Tensor]]:
-        """Tensors of ``version``, mapped from shared memory (valid only inside the block)."""
+        """Tensors of ``version``, mapped from shared memory (valid only inside the block).
+        Files of other users or links are never loaded (see ``find``); ``PermissionError``
+        if the file found is swapped for one before it is opened."""
         deadline = time.monotonic() + timeout_s
         path = self.find(version)
         while path is None:
@@ -384,21 +576,21 @@ class WeightStore:
     def _map(self, path: Path) -> tuple[Any, mmap.mmap]:
         """The file and a mapping of it, kept across versions: the publisher rewrites the
         same segments in place, so a cached mapping costs no page-table work next time."""
-        f = open(path, "r+b")
-        stat = os.fstat(f.fileno())
-        cached = self._mapped.get(stat.st_ino)
-        if cached is not None and cached[1].size() == stat.st_size:
+        f = os.fdopen(_open_private(path, os.O_RDWR), "r+b")  # PermissionError: a link or not ours
+        st = os.fstat(f.fileno())
+        cached = self._mapped.get(st.st_ino)
+        if cached is not None and cached[1].size() == st.st_size:
             f.close()
-            self._mapped.move_to_end(stat.st_ino)
+            self._mapped.move_to_end(st.st_ino)
             return cached
         try:
-            buffer = mmap.mmap(f.fileno(), stat.st_size, flags=mmap.MAP_SHARED | _POPULATE)
+            buffer = mmap.mmap(f.fileno(), st.st_size, flags=mmap.MAP_SHARED | _POPULATE)
         except BaseException:
             f.close()
             raise
         if cached is not None:  # same inode, new size: a different file now
             self._unmap(cached)
-        self._mapped[stat.st_ino] = (f, buffer)
+        self._mapped[st.st_ino] = (f, buffer)
         while len(self._mapped) > 2 * self.keep + 2:  # only called between reads: nothing is locked
             _, old = self._mapped.popitem(last=False)
             self._unmap(old)
@@ -426,7 +618,8 @@ class WeightStore:
     def _not_published(self, version: int, timeout_s: float) -> TimeoutError:
         return TimeoutError(
             f"weights version {version} of store {self.name!r} did not appear in {self.directory} "
-            f"within {timeout_s} s; did the trainer publish it (push_weights) with the same store name?"
+            f"within {timeout_s} s; did the trainer publish it (push_weights) with the same store name, in a "
+            f"process with the same ${SECRET_ENV} (or pass both the same WeightStore object)?"
         )
 
     def read(self, version: int, timeout_s: float = 60.0) -> dict[str, torch.Tensor]:
@@ -435,7 +628,7 @@ class WeightStore:
             return {k: v.clone() for k, v in tensors.items()}
 
     def __reduce__(self) -> Any:
-        return (WeightStore, (self.name, self.directory, self.keep))
+        return (WeightStore, (self.name, self.directory, self.keep, self.token))  # the token travels
 
     @classmethod
     def resolve(cls, spec: "WeightStore | str | None") -> "WeightStore":

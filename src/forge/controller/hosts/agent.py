@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 
 from monarch.actor import Actor, endpoint
 
-from forge.util.reaper import has_job_id, pid_alive
+from forge.util.reaper import JOB_ID_ENV, has_env, kill_tagged, pid_alive
 from forge.controller.provisioner import free_port, visible_gpus
 
 logger = logging.getLogger("forge.hosts")
@@ -47,15 +45,14 @@ def job_processes(job_id: str, root: int) -> list[int]:
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
-        if has_job_id(pid, job_id):
+        if has_env(pid, JOB_ID_ENV, job_id):
             pids.append(pid)
     return pids
 
 
-def kill_pids(pids: list[int] | tuple[int, ...]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+def kill_pids(pids: list[int] | tuple[int, ...], job_id: str) -> None:
+    """Kill those of ``pids`` that still belong to the job (a pid may have been reused)."""
+    kill_tagged(pids, JOB_ID_ENV, job_id)
 
 
 class HostAgent(Actor):
@@ -85,7 +82,7 @@ class HostAgent(Actor):
 
     @endpoint
     def kill(self, pids: list[int]) -> None:
-        kill_pids([p for p in pids if p != os.getpid()])
+        kill_pids([p for p in pids if p != os.getpid()], self._job_id)
 
     @endpoint
     def alive(self, pids: list[int]) -> bool:
@@ -96,7 +93,7 @@ class HostAgent(Actor):
         """The job is over: kill what is left of it on this host (not this agent); stop the lease."""
         self._released = True
         leftovers = [p for p in job_processes(self._job_id, os.getppid()) if p != os.getpid()]
-        kill_pids(leftovers)
+        kill_pids(leftovers, self._job_id)
         return len(leftovers)
 
     def _watch_lease(self) -> None:
@@ -110,7 +107,7 @@ class HostAgent(Actor):
         mine = [p for p in job_processes(self._job_id, os.getppid()) if p != os.getpid()]
         logger.warning("forge host agent: no heartbeat for %.0f s; killing %d process(es) of job %s",
                        self._lease_timeout_s, len(mine), self._job_id)
-        kill_pids(mine)
-        if self._owns_allocation and has_job_id(os.getppid(), self._job_id):
-            kill_pids([os.getppid()])  # a worker Forge started itself (ProcessJob)
+        kill_pids(mine, self._job_id)
+        if self._owns_allocation:
+            kill_pids([os.getppid()], self._job_id)  # a worker Forge started itself (ProcessJob)
         os._exit(0)

@@ -12,7 +12,9 @@ from typing import Any
 from monarch.actor import this_host
 
 from forge.controller.hosts.config import HostInfo, HostRequest, HostsConfig, HostStatus, delivery_timeout_s, supervision_env
+from forge.controller.errors import HostRegistryLost
 from forge.controller.hosts.registry import HostRegistry
+from forge.util.reaper import pid_alive
 from forge.controller.provisioner import spawn_proc_mesh
 from forge.util.reaper import JOB_ID_ENV
 
@@ -34,6 +36,7 @@ class HostPool:
         self._meshes = meshes
         self._registry_procs: Any = None
         self.registry: Any = None
+        self.registry_pid = 0
         self.hosts: list[HostInfo] = []
         self._running: dict[int, tuple[Any, Any]] = {}  # services and actors placed on it: id -> (owner, stop)
         self._reaper: subprocess.Popen | None = None  # process_job: kills the job if this client goes
@@ -71,7 +74,26 @@ class HostPool:
                            self.config.failure_timeout_s)
 
     async def statuses(self) -> list[HostStatus]:
-        return await self.registry.statuses.call_one()
+        """Every host of the pool: alive or dead, placements, GPUs in use."""
+        self.check()
+        try:
+            return await asyncio.wait_for(self.registry.statuses.call_one(), 30)
+        except asyncio.TimeoutError:
+            raise TimeoutError("the host pool's registry did not answer statuses() within 30 s") from None
+
+    def check(self) -> None:
+        """Raise ``HostRegistryLost`` if the pool's registry process has died.
+
+        Forge does not replace a dead registry: the leases, placements and host states it
+        held are gone with it, and a new one could not tell which processes on the hosts
+        are still wanted. The job stops with this error instead (the agents' leases then
+        run out and they clean their hosts up).
+        """
+        if self.registry is not None and self.registry_pid and not pid_alive(self.registry_pid):
+            raise HostRegistryLost(
+                f"the host pool's registry (pid {self.registry_pid}, the process that places replicas on hosts "
+                f"and renews their leases) died; the pool {sorted(self._meshes)} cannot go on. Restart the job "
+                f"(a GRPO run: --resume its run directory)")
 
     async def _start(self) -> None:
         env = supervision_env(self.config.failure_timeout_s)  # dies with this client: no job id, no lease
@@ -81,6 +103,7 @@ class HostPool:
             self.config.source != "workers",
         )
         try:
+            self.registry_pid = await asyncio.wait_for(self.registry.pid.call_one(), 60)
             self.hosts = await asyncio.wait_for(self.registry.start.call_one(), self.config.connect_timeout_s + 10)
         except asyncio.TimeoutError:
             raise TimeoutError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,10 @@ class HostRegistry(Actor):
         self._tasks: set[asyncio.Task] = set()  # heartbeat loops and checks; cancelled by release_all
         self._lock = asyncio.Lock()
         self._last_host_death: float | None = None
+
+    @endpoint
+    async def pid(self) -> int:
+        return os.getpid()
 
     @endpoint
     async def start(self) -> list[HostInfo]:

@@ -8,6 +8,13 @@ with its concurrency limit and counters, and the sessions of the tasks in it.
 A request goes straight from here to the chosen replica (one Monarch hop). When that
 replica's process dies, the call fails with a supervision error or is cancelled as soon
 as the membership says the replica is gone, and it is sent again to another replica.
+
+When the controller dies, calls go on to the replicas this client knows. In the process
+that created the service, the client finds the death within one poll (it checks the
+controller's pid) and has a new controller started that adopts the replicas. Elsewhere
+(a handle passed to another actor) it asks the replicas which controller they now
+answer to. If no controller is back within ``_CONTROLLER_RECOVERY_S`` the service is
+unavailable: calls in flight are cancelled and every call raises ``ServiceUnavailable``.
 """
 
 from __future__ import annotations
@@ -32,17 +39,28 @@ logger = logging.getLogger("forge.service")
 
 _WATCH_TIMEOUT_S = 5.0  # bound on one membership poll or failure report
 _WATCH_INTERVAL_S = 0.2  # how often a client polls the controller for membership changes
-_WATCH_MAX_FAILURES = 6  # consecutive timed-out polls (about 30 s) before the service counts as gone
+_WATCH_MAX_FAILURES = 6  # consecutive timed-out polls (about 30 s) before the controller counts as gone
+_CONTROLLER_RECOVERY_S = 60.0  # bound on finding or starting a replacement controller
+_ASK_TIMEOUT_S = 2.0  # bound on asking one replica for its controller
 _LATENCY_WINDOW = 2048
 
 
-class _ReplicaGone(Exception):
-    """Internal: the replica a call was sent to died or left the service."""
+class _ControllerGone(Exception):
+    """Internal: the controller's process is gone (seen by its pid in the creating process)."""
 
-    def __init__(self, replica_id: int, reason: str) -> None:
+
+class _ReplicaGone(Exception):
+    """Internal: the replica a call was sent to died or left the service.
+
+    ``was_running`` is true when the call had reached the replica (it died or hung while
+    running it), false when the replica was gone before the call was sent.
+    """
+
+    def __init__(self, replica_id: int, reason: str, was_running: bool = True) -> None:
         super().__init__(reason)
         self.replica_id = replica_id
         self.reason = reason
+        self.was_running = was_running
 
 
 def endpoint_error(actor_error: ActorError, endpoint: str, replica_id: int | None) -> EndpointError:
@@ -144,13 +162,16 @@ class ServiceClient:
         self._slots: dict[int, _Slot] = {}
         self._retired: dict[int, _Slot] = {}  # last slot of replicas that left, for statistics
         self._healthy_loads: list[ReplicaLoad] = []
-        self._epoch = -1
+        self._version = (-1, -1)  # (incarnation, epoch) of the membership applied last
+        self._owner: Any = None  # in the creating process: replaces a dead controller
+        self._recovery = asyncio.Lock()
+        self._replays: dict[str, ReplayedCall] = {}  # latest @replay_on_rebuild calls made from here
         self._changed: asyncio.Future | None = None
         self._sessions: "weakref.WeakKeyDictionary[asyncio.Task, list[_Session]]" = weakref.WeakKeyDictionary()
         self._watcher: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._broken: str | None = None
-        self._dropped: set[tuple[int, int]] = set()  # (replica, generation) this process saw fail
+        self._dropped: set[tuple[int, int, int]] = set()  # ReplicaRef.key of replicas this process saw fail
         self._excluded: set[int] = set()  # replicas rolling() holds out of routing
         self.membership = membership
         self.apply(membership)
@@ -158,18 +179,18 @@ class ServiceClient:
     # ---- membership ------------------------------------------------------------
 
     def apply(self, membership: Membership) -> None:
-        if membership.epoch <= self._epoch:
+        if membership.version <= self._version:
             return
-        self._epoch = membership.epoch
+        self._version = membership.version
         self.membership = membership
         if membership.is_shut_down:
             self._broken = f"service {self.name!r} has been shut down"
         new_slots: dict[int, _Slot] = {}
         for ref in membership.replicas:
-            if (ref.replica_id, ref.generation) in self._dropped:
+            if ref.key in self._dropped:
                 continue  # this process saw it fail; the controller's answer predates our report
             old = self._slots.get(ref.replica_id)
-            if old is not None and old.ref.generation == ref.generation and not old.is_gone:
+            if old is not None and old.ref.key == ref.key and not old.is_gone:
                 new_slots[ref.replica_id] = old
             else:
                 history = old or self._retired.get(ref.replica_id)
@@ -195,7 +216,7 @@ class ServiceClient:
 
     def _drop_slot(self, slot: _Slot, reason: str) -> None:
         """This process saw the replica fail: stop using it and tell the controller."""
-        self._dropped.add((slot.ref.replica_id, slot.ref.generation))
+        self._dropped.add(slot.ref.key)
         if self._slots.get(slot.ref.replica_id) is slot:
             del self._slots[slot.ref.replica_id]
             self._retired[slot.ref.replica_id] = slot
@@ -207,7 +228,8 @@ class ServiceClient:
     async def _report(self, ref: ReplicaRef, reason: str) -> None:
         try:
             await asyncio.wait_for(
-                _await_monarch(self._controller.report_failure.choose(ref.replica_id, ref.generation, reason)),
+                _await_monarch(self._controller.report_failure.choose(ref.replica_id, ref.incarnation, ref.generation,
+                                                                      reason)),
                 _WATCH_TIMEOUT_S,
             )
         except Exception as e:  # the controller finds dead replicas itself too; log and go on
@@ -217,13 +239,59 @@ class ServiceClient:
         if self._watcher is None and self._broken is None:
             self._watcher = asyncio.ensure_future(self._watch())
 
+    @property
+    def controller(self) -> Any:
+        """The service's current controller (a replacement after the first one died)."""
+        return self._controller
+
+    async def ask_controller(self, endpoint: str, *args: Any, timeout_s: float) -> Any:
+        """Call one of the controller's endpoints. A dead controller is replaced first (in the
+        creating process); a call that finds it dead is made once more, to the replacement."""
+        await self.ensure_controller()
+        try:
+            return await self._ask(endpoint, args, timeout_s)
+        except Exception as e:
+            if not is_infrastructure_error(e) or not await self._recover_controller(e):
+                raise
+        return await self._ask(endpoint, args, timeout_s)
+
+    async def _ask(self, endpoint: str, args: tuple, timeout_s: float) -> Any:
+        try:
+            return await asyncio.wait_for(_await_monarch(getattr(self._controller, endpoint).choose(*args)), timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"service {self.name!r}: its controller did not answer {endpoint}() within "
+                               f"{timeout_s:.0f} s") from None
+
+    async def ensure_controller(self) -> None:
+        """In the creating process: replace the controller now if its process is gone."""
+        if self._owner is not None and self._broken is None and not self._owner.controller_alive():
+            await self._recover_controller(_ControllerGone(f"its process (pid {self._owner.controller_pid}) is gone"))
+
+    def watch_as_owner(self, owner: Any) -> None:
+        """This is the creating process: watch the controller from now on and replace it if it dies."""
+        self._owner = owner
+        self._ensure_watcher()
+
     async def _poll(self) -> None:
         """Ask the controller once for membership changes. Raises if it is unreachable."""
+        if self._owner is not None and not self._owner.controller_alive():
+            raise _ControllerGone(f"its process (pid {self._owner.controller_pid}) is gone")
         membership = await asyncio.wait_for(
-            _await_monarch(self._controller.membership_since.choose(self._epoch)), _WATCH_TIMEOUT_S
+            _await_monarch(self._controller.membership_since.choose(self._version)), _WATCH_TIMEOUT_S
         )
         if membership is not None:
             self.apply(membership)
+
+    async def _refresh(self) -> None:
+        """The latest membership if the controller answers; else the known one (the watcher
+        is replacing the controller meanwhile)."""
+        if self._broken is not None:
+            return
+        try:
+            await self._poll()
+        except Exception as e:  # a dead or slow controller: go on with what this process knows
+            logger.info("service %s: membership poll failed (%r); using the known replicas", self.name, e)
+            self._ensure_watcher()
 
     async def _watch(self) -> None:
         failures = 0
@@ -233,14 +301,67 @@ class ServiceClient:
                 failures = 0
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # a slow answer is retried; a dead controller ends the service
+            except Exception as e:  # a slow answer is retried; a dead controller is replaced
                 failures += 1
-                if is_infrastructure_error(e) or failures >= _WATCH_MAX_FAILURES:
-                    self._broken = f"service {self.name!r} controller is unreachable: {e}"
-                    self._notify()
-                    return
-                logger.info("service %s: membership poll failed (%s); retrying", self.name, e)
+                if isinstance(e, _ControllerGone) or is_infrastructure_error(e) or failures >= _WATCH_MAX_FAILURES:
+                    if not await self._recover_controller(e):
+                        return
+                    failures = 0
+                    continue
+                logger.info("service %s: membership poll failed (%r); retrying", self.name, e)
             await asyncio.sleep(_WATCH_INTERVAL_S)
+
+    async def _recover_controller(self, error: BaseException) -> bool:
+        """Get a working controller after ``error``; whether one is back (else the service is unavailable)."""
+        failed = self._controller
+        async with self._recovery:  # the watcher and shutdown() may both find the controller gone
+            if self._controller is not failed or self._broken is not None:
+                return self._broken is None
+            return await self._replace_controller(error)
+
+    async def _replace_controller(self, error: BaseException) -> bool:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        try:
+            if self._owner is not None:
+                controller, membership = await asyncio.wait_for(
+                    self._owner.replace_controller(self.membership, tuple(self._replays.values())),
+                    _CONTROLLER_RECOVERY_S)
+            else:
+                controller = await self._find_controller(time.monotonic() + _CONTROLLER_RECOVERY_S)
+                membership = await asyncio.wait_for(
+                    _await_monarch(controller.membership_since.choose((-1, -1))), _WATCH_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - any failure here leaves the service without a controller
+            self._broken = (f"service {self.name!r}: its controller failed ({reason}) and no replacement was "
+                            f"running within {_CONTROLLER_RECOVERY_S:.0f} s ({e!r})")
+            logger.warning("%s", self._broken)
+            self._abandon()
+            return False
+        self._controller = controller
+        self.apply(membership)
+        return True
+
+    async def _find_controller(self, deadline: float) -> Any:
+        """Ask the replicas this process knows which controller they answer to now."""
+        incarnation = self._version[0]
+        while time.monotonic() < deadline:
+            slots = list(self._slots.values())
+            answers = await asyncio.gather(*(
+                asyncio.wait_for(_await_monarch(slot.ref.actors._forge_controller.choose()), _ASK_TIMEOUT_S)
+                for slot in slots), return_exceptions=True)
+            newer = [a for a in answers if isinstance(a, tuple) and a[0] > incarnation]
+            if newer:
+                return max(newer, key=lambda a: a[0])[1]
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+        raise TimeoutError("no replica named a newer controller")
+
+    def _abandon(self) -> None:
+        """No controller: cancel the calls in flight (they fail over to ServiceUnavailable)."""
+        for slot in self._slots.values():
+            self._retired[slot.ref.replica_id] = slot
+            slot.leave()
+        self._slots = {}
+        self._refresh_loads()
+        self._notify()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -302,7 +423,7 @@ class ServiceClient:
             await slot.wait_for_capacity()
         try:
             if slot.is_gone:
-                raise _ReplicaGone(slot.ref.replica_id, "replica left the service")
+                raise _ReplicaGone(slot.ref.replica_id, "replica left the service", was_running=False)
             started = time.perf_counter()
             caller = asyncio.current_task()
             load.in_flight += 1
@@ -355,34 +476,48 @@ class ServiceClient:
     async def route(self, method: str, args: tuple, kwargs: dict) -> Any:
         """Call ``method`` on one healthy replica; infrastructure failures are resent elsewhere.
 
-        A call is resent at most ``max_retries`` times: a request that kills or hangs
-        every replica it reaches is more likely the cause than the victim.
+        A call is resent at most ``max_retries`` times, and never after it has taken down
+        ``poison_threshold`` replicas (they died or hung while running it): such a request
+        is more likely the cause than the victim, and resending it would take down the rest.
         """
         self._ensure_watcher()
         session = self._session()
-        for attempt in range(self._options.max_retries + 1):
+        options = self._options
+        taken_down: list[_ReplicaGone] = []
+        for _ in range(options.max_retries + 1):
             slot = await self._pick(session)
             try:
-                return await self._call(slot, method, args, kwargs, self._options.all_ranks)
+                return await self._call(slot, method, args, kwargs, options.all_ranks)
             except _ReplicaGone as gone:
                 last = gone
+                if gone.was_running:
+                    taken_down.append(gone)
+                if len(taken_down) >= options.poison_threshold:
+                    raise ReplicaFailed(
+                        f"service {self.name!r}: {method}.route() was running on {len(taken_down)} replicas "
+                        f"({', '.join(str(g.replica_id) for g in taken_down)}) when each died or hung (last: "
+                        f"{gone.reason}); the request is likely the cause, so it is not resent (poison_threshold="
+                        f"{options.poison_threshold}). The replicas are being rebuilt",
+                        gone.replica_id,
+                    ) from None
                 logger.info("service %s: %s resent after replica %d failed", self.name, method, gone.replica_id)
         raise ReplicaFailed(
-            f"service {self.name!r}: {method}.route() was sent {self._options.max_retries + 1} times and "
-            f"each replica died or hung while running it (last: replica {last.replica_id}: {last.reason}); "
-            "the request itself may be the cause",
+            f"service {self.name!r}: {method}.route() was sent {options.max_retries + 1} times and "
+            f"each replica it was sent to failed (last: replica {last.replica_id}: {last.reason}); see "
+            "service.statistics() for replica states",
             last.replica_id,
         )
 
-    async def fanout(self, method: str, args: tuple, kwargs: dict) -> list[Any]:
+    async def fanout(self, method: str, args: tuple, kwargs: dict, partial: bool | None = None) -> list[Any]:
         """Call ``method`` on every healthy replica; results in replica order.
 
         Fan-outs are rare and must reach every replica, so the membership is refreshed
-        from the controller first.
+        from the controller first. With ``partial`` (default: the service's
+        ``fanout_partial``) a replica that fails has a ``ReplicaFailure`` in its place.
         """
+        partial = self._options.fanout_partial if partial is None else partial
         self._ensure_watcher()
-        if self._broken is None:
-            await self._poll()
+        await self._refresh()
         await self._remember(method, args, kwargs)
         if not self._healthy_loads:
             await self._pick(None)
@@ -394,7 +529,7 @@ class ServiceClient:
         for slot, result in zip(slots, results):
             if isinstance(result, BaseException):
                 if isinstance(result, asyncio.CancelledError) or not (
-                    self._options.fanout_partial or self._replayed_later(method, result)
+                    partial or self._replayed_later(method, result)
                 ):
                     raise result
                 result = ReplicaFailure(slot.ref.replica_id, result)
@@ -413,8 +548,7 @@ class ServiceClient:
         in-flight calls from here finish, so ``route()`` keeps being served by the others.
         """
         self._ensure_watcher()
-        if self._broken is None:
-            await self._poll()
+        await self._refresh()
         await self._remember(method, args, kwargs)
         results = []
         for replica_id in sorted(self._slots):
@@ -427,14 +561,24 @@ class ServiceClient:
             self._excluded.add(replica_id)
             self._refresh_loads()
             try:
-                while slot.load.in_flight or slot.load.queued:
-                    await asyncio.sleep(0.005)
+                await self._drained(slot, method)
                 results.append(await self._rolling_call(slot, method, args, kwargs))
             finally:
                 self._excluded.discard(replica_id)
                 self._refresh_loads()
                 self._notify()
         return results
+
+    async def _drained(self, slot: _Slot, method: str) -> None:
+        """Wait until this process's calls to a replica held out by ``rolling()`` have finished."""
+        deadline = time.monotonic() + self._options.unavailable_timeout_s
+        while slot.load.in_flight or slot.load.queued:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"service {self.name!r}: {method}.rolling(): replica {slot.ref.replica_id} still had "
+                    f"{slot.load.in_flight} call(s) in flight and {slot.load.queued} queued after "
+                    f"{self._options.unavailable_timeout_s} s (unavailable_timeout_s)")
+            await asyncio.sleep(0.005)
 
     async def _rolling_call(self, slot: _Slot, method: str, args: tuple, kwargs: dict) -> Any:
         try:
@@ -447,10 +591,15 @@ class ServiceClient:
     async def _remember(self, method: str, args: tuple, kwargs: dict) -> None:
         """Give the controller a ``@replay_on_rebuild`` call first, so a replica rebuilt from
         now on gets it too (one rebuilt during this call gets it from the controller)."""
-        if method in self._replayed and self._broken is None:
-            await asyncio.wait_for(
-                _await_monarch(self._controller.remember.choose(ReplayedCall(method, args, kwargs))), _WATCH_TIMEOUT_S
-            )
+        if method not in self._replayed or self._broken is not None:
+            return
+        call = ReplayedCall(method, args, kwargs)
+        self._replays.pop(method, None)
+        self._replays[method] = call  # a replacement controller gets these
+        try:
+            await asyncio.wait_for(_await_monarch(self._controller.remember.choose(call)), _WATCH_TIMEOUT_S)
+        except Exception as e:  # a dead controller: its replacement is given this call
+            logger.info("service %s: could not give the controller %s: %r", self.name, method, e)
 
     async def _call_or_fail(self, slot: _Slot, method: str, args: tuple, kwargs: dict, adverb: str) -> Any:
         """A call to one given replica (fanout, rolling): its death is a ReplicaFailed, not a resend."""

@@ -11,15 +11,22 @@ keeps failing out for a cool-down (circuit breaker).
 Handles never send requests through the controller: they call replicas directly and
 only poll the controller for membership changes (``membership_since``), so the controller is not on
 the hot path.
+
+A controller that dies is replaced by the process that created the service (see
+``ServiceClient``): the replacement (the next *incarnation*) is started with the last
+membership that process saw and **adopts** those replicas, which kept serving
+meanwhile. Monarch lets only a mesh's owner stop it or hear of its death, so an adopted
+replica is watched by its pids (locally, or through the host registry) and stopped by
+killing them; every replica rebuilt from then on is owned again. Processes the dead
+controller was starting (a rebuild in progress) are found by their ``FORGE_SERVICE_ID``
+and killed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,10 +46,13 @@ from forge.controller.hosts import (
 from forge.controller.options import PlacementOptions, ServiceOptions
 from forge.controller.provisioner import rank_env, spawn_proc_mesh, stop_quietly
 from forge.controller.service.types import Membership, ReplayedCall, ReplicaHealth, ReplicaRef, ReplicaState
+from forge.util.reaper import kill_tagged, pid_alive, processes_with_env
 
 logger = logging.getLogger("forge.service")
 
 _STOP_TIMEOUT_S = 15.0
+SERVICE_ID_ENV = "FORGE_SERVICE_ID"  # on every replica process of a service
+CONTROLLER_OF_ENV = "FORGE_CONTROLLER_OF"  # on a service's controller process
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class ServiceSpec:
     gpus_per_replica: tuple[tuple[str, ...], ...] | None
     has_setup: bool
     hosts: HostRequest | None = None  # replicas go on the host pool, not the controller's host
+    service_id: str = ""  # unique per service; every replica process carries it as FORGE_SERVICE_ID
 
 
 @dataclass
@@ -65,6 +76,8 @@ class _Replica:
     replica_id: int
     state: ReplicaState = ReplicaState.STARTING
     generation: int = 0
+    incarnation: int = 0  # of the controller that spawned the current processes
+    is_adopted: bool = False  # spawned by a previous controller: watched and stopped by pid
     proc_mesh: Any = None
     actors: Any = None
     pids: tuple[int, ...] = ()
@@ -75,7 +88,7 @@ class _Replica:
     is_probing: bool = False
 
     def mesh_prefix(self, service: str) -> str:
-        return f"{service}_r{self.replica_id}_g{self.generation}"
+        return f"{service}_r{self.replica_id}_i{self.incarnation}_g{self.generation}"
 
 
 def short_reason(text: str) -> str:
@@ -90,10 +103,12 @@ def short_reason(text: str) -> str:
 class ServiceController(Actor):
     """Owns the replicas of one service. Endpoints are called by Forge, not by users."""
 
-    def __init__(self, spec: ServiceSpec) -> None:
+    def __init__(self, spec: ServiceSpec, incarnation: int = 0) -> None:
         self._spec = spec
-        self._replicas = [_Replica(i) for i in range(spec.placement.num_replicas)]
+        self._incarnation = incarnation
+        self._replicas = [_Replica(i, incarnation=incarnation) for i in range(spec.placement.num_replicas)]
         self._epoch = 0
+        self._self_ref: Any = None  # this controller's ActorMesh, which replicas hand to handles
         self._tasks: set[asyncio.Task] = set()
         self._is_shut_down = False
         self._last_host_death: float | None = None
@@ -102,8 +117,22 @@ class ServiceController(Actor):
     # ---- endpoints -------------------------------------------------------------
 
     @endpoint
-    async def start(self) -> Membership:
-        """Spawn every replica; if any fails to start, stop them all and raise."""
+    async def start(self, self_ref: Any = None, adopted: Membership | None = None,
+                    replays: tuple[ReplayedCall, ...] = ()) -> Membership:
+        """Spawn every replica (if any fails to start, stop them all and raise), or, as the
+        replacement of a dead controller, adopt the replicas of ``adopted`` and rebuild the rest."""
+        self._self_ref = self_ref
+        for call in replays:
+            self._replays[call.method] = call
+        if adopted is not None:
+            await self._adopt(adopted)
+        else:
+            await self._start_all()
+        self._own(asyncio.ensure_future(self._probe_loop()))
+        self._bump()
+        return self._membership()
+
+    async def _start_all(self) -> None:
         results = await asyncio.gather(
             *(self._spawn(r) for r in self._replicas), return_exceptions=True
         )
@@ -115,22 +144,52 @@ class ServiceController(Actor):
                 f"service {self._spec.name!r}: replica {replica.replica_id} failed to start: {error}",
                 replica.replica_id,
             )
-        self._own(asyncio.ensure_future(self._probe_loop()))
-        self._bump()
-        return self._membership()
+
+    async def _adopt(self, adopted: Membership) -> None:
+        """Take over the replicas a dead controller left serving; rebuild the others."""
+        refs = {ref.replica_id: ref for ref in adopted.replicas}
+        for replica in self._replicas:
+            ref = refs.get(replica.replica_id)
+            if ref is None or not ref.pids:
+                continue
+            replica.actors, replica.pids, replica.placement = ref.actors, ref.pids, ref.placement
+            replica.generation, replica.incarnation, replica.num_restarts = ref.generation, ref.incarnation, ref.num_restarts
+            replica.state, replica.is_adopted = ReplicaState.HEALTHY, True
+        kept = {pid for r in self._replicas if r.is_adopted for pid in r.pids}
+        starting = [p for p in processes_with_env(SERVICE_ID_ENV, self._spec.service_id) if p not in kept]
+        kill_tagged(starting, SERVICE_ID_ENV, self._spec.service_id)  # replicas the dead controller was starting
+        # In the background: a replica busy with a long call answers only after it.
+        self._own(asyncio.ensure_future(self._announce([r for r in self._replicas if r.is_adopted])))
+        for replica in self._replicas:
+            if not replica.is_adopted:
+                replica.generation = 0
+                self._fail(replica, "was not serving when the previous controller died")
+        logger.warning("service %s: controller %d took over %d replica(s)", self._spec.name, self._incarnation,
+                       len([r for r in self._replicas if r.is_adopted]))
+
+    async def _announce(self, replicas: list[_Replica]) -> None:
+        """Tell replicas which controller is theirs now; handles in other processes ask them."""
+        if self._self_ref is None:
+            return
+        calls = [asyncio.wait_for(r.actors._forge_controller.call((self._incarnation, self._self_ref)), _STOP_TIMEOUT_S)
+                 for r in replicas]
+        for replica, result in zip(replicas, await asyncio.gather(*calls, return_exceptions=True)):
+            if isinstance(result, BaseException):  # a dead or busy replica: the probes deal with it
+                logger.info("service %s: replica %d did not take the new controller: %r",
+                            self._spec.name, replica.replica_id, result)
 
     @endpoint
-    async def membership_since(self, known_epoch: int) -> Membership | None:
-        """The membership if it changed since ``known_epoch``, else ``None`` (handles poll this)."""
-        if known_epoch == self._epoch:
+    async def membership_since(self, known: tuple[int, int]) -> Membership | None:
+        """The membership if it changed since version ``known`` (incarnation, epoch), else ``None``."""
+        if tuple(known) == (self._incarnation, self._epoch):
             return None
         return self._membership()
 
     @endpoint
-    async def report_failure(self, replica_id: int, generation: int, reason: str) -> None:
+    async def report_failure(self, replica_id: int, incarnation: int, generation: int, reason: str) -> None:
         """A handle saw an infrastructure error from a replica: take it out and rebuild it."""
         replica = self._replicas[replica_id]
-        if replica.generation == generation and replica.state == ReplicaState.HEALTHY:
+        if (replica.incarnation, replica.generation) == (incarnation, generation) and replica.state == ReplicaState.HEALTHY:
             self._fail(replica, f"reported by a caller: {reason}")
 
     @endpoint
@@ -179,7 +238,8 @@ class ServiceController(Actor):
     async def _spawn(self, replica: _Replica) -> None:
         spec = self._spec
         num_procs = spec.placement.procs
-        tag = {"FORGE_REPLICA_ID": str(replica.replica_id)}
+        replica.incarnation, replica.is_adopted = self._incarnation, False
+        tag = {"FORGE_REPLICA_ID": str(replica.replica_id), SERVICE_ID_ENV: spec.service_id}
         prefix = replica.mesh_prefix(spec.name)
         if spec.hosts is not None:
             replica.placement = await place(spec.hosts, f"service {spec.name!r} replica {replica.replica_id}")
@@ -193,6 +253,8 @@ class ServiceController(Actor):
         async def start_replica() -> None:
             pids = await replica.actors._forge_ping.call()
             replica.pids = tuple(pid for _, pid in pids.items())
+            if self._self_ref is not None:
+                await replica.actors._forge_controller.call((self._incarnation, self._self_ref))
             if spec.has_setup:
                 await replica.actors.setup.call()
             for call in list(self._replays.values()):  # catch up with the replicas that kept running
@@ -255,20 +317,18 @@ class ServiceController(Actor):
                 self._own(asyncio.ensure_future(self._stop_after_returns(mesh, self._last_host_death)))
             return
         replica.proc_mesh, replica.actors, replica.pids, replica.placement = None, None, (), None
-        stopped = False
+        stopped = False  # an adopted replica has no mesh of ours to stop: its pids are killed
         try:
             if mesh is not None:
                 await asyncio.wait_for(mesh.stop(), _STOP_TIMEOUT_S)
-            stopped = True
+                stopped = True
         except Exception as e:  # a broken or hung mesh: make sure its processes are gone
             logger.info("service %s: stopping replica %d: %s; killing its processes", self._spec.name, replica.replica_id, e)
         finally:  # also when this task is cancelled (shutdown): never leave a hung replica running
             if placement is not None:
                 await release_placement(self._spec.hosts, placement, () if stopped else pids)
             else:
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                kill_tagged(pids, SERVICE_ID_ENV, self._spec.service_id)
 
     async def _stop_after_returns(self, mesh: Any, host_death: float) -> None:
         await wait_for_returns(host_death, self._spec.hosts.failure_timeout_s)
@@ -286,9 +346,27 @@ class ServiceController(Actor):
         while not self._is_shut_down:
             await asyncio.sleep(options.health_probe_interval_s)
             for replica in self._replicas:
-                if replica.state == ReplicaState.HEALTHY and not replica.is_probing:
+                if replica.state != ReplicaState.HEALTHY:
+                    continue
+                if replica.is_adopted:  # Monarch tells only a mesh's owner of its death
+                    self._own(asyncio.ensure_future(self._check_adopted(replica)))
+                if not replica.is_probing:
                     replica.is_probing = True
                     self._own(asyncio.ensure_future(self._probe(replica)))
+
+    async def _check_adopted(self, replica: _Replica) -> None:
+        generation, pids = replica.generation, replica.pids
+        if replica.placement is None:
+            alive = all(pid_alive(pid) for pid in pids)
+        else:
+            try:
+                alive = await asyncio.wait_for(
+                    self._spec.hosts.registry.alive.call_one(replica.placement, list(pids)), _STOP_TIMEOUT_S)
+            except Exception as e:  # the registry is gone or slow: the health probe still runs
+                logger.info("service %s: checking adopted replica %d: %r", self._spec.name, replica.replica_id, e)
+                return
+        if not alive and replica.generation == generation and replica.state == ReplicaState.HEALTHY:
+            self._fail(replica, "process died (found by pid; the replica was adopted from a previous controller)")
 
     async def _probe(self, replica: _Replica) -> None:
         generation, actors = replica.generation, replica.actors
@@ -307,11 +385,12 @@ class ServiceController(Actor):
 
     def _membership(self) -> Membership:
         healthy = tuple(
-            ReplicaRef(r.replica_id, r.generation, r.actors, self._spec.placement.procs)
+            ReplicaRef(r.replica_id, r.generation, r.actors, self._spec.placement.procs, r.incarnation, r.pids,
+                       r.placement, r.num_restarts)
             for r in self._replicas
             if r.state == ReplicaState.HEALTHY
         )
-        return Membership(self._epoch, healthy, self._is_shut_down)
+        return Membership(self._epoch, healthy, self._is_shut_down, self._incarnation, os.getpid())
 
     def _bump(self) -> None:
         self._epoch += 1

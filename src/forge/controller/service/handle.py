@@ -20,6 +20,8 @@ from forge.controller.options import PlacementOptions, ServiceOptions
 from forge.controller.service.client import ServiceClient, _await_monarch
 from forge.controller.service.types import Membership, ReplicaStats, ServiceStats
 
+_STATS_TIMEOUT_S = 30.0
+
 # event loop -> service_id -> the client all copies of that service's handle share there.
 # Keyed by the loop object (weakly), so a later loop never inherits a dead loop's client.
 _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, ServiceClient]]" = (
@@ -147,10 +149,11 @@ class ServiceHandle:
         except RuntimeError:  # pickled outside an event loop
             client = None
         membership = client.membership if client is not None else self._membership
+        controller = client.controller if client is not None else self._controller
         return (
             ServiceHandle,
             (self._name, self._service_id, self._endpoint_names, self._placement, self._options,
-             self._controller, membership, None, self._replayed),
+             controller, membership, None, self._replayed),
         )
 
     def _client(self) -> ServiceClient:
@@ -173,8 +176,9 @@ class ServiceHandle:
     async def statistics(self) -> ServiceStats:
         """Per replica: state, restarts, and this process's in-flight, queued, completed,
         failed counts and latency percentiles."""
-        health = await _await_monarch(self._controller.health.choose())
-        counters = self._client().counters()
+        client = self._client()
+        health = await client.ask_controller("health", timeout_s=_STATS_TIMEOUT_S)
+        counters = client.counters()
         rows = []
         for h in health:
             slot = counters.get(h.replica_id)
@@ -197,7 +201,8 @@ class ServiceHandle:
                     pids=h.pids,
                 )
             )
-        return ServiceStats(self._name, tuple(rows))
+        membership = client.membership
+        return ServiceStats(self._name, tuple(rows), membership.controller_pid, membership.incarnation)
 
     async def shutdown(self) -> None:
         """Stop every replica and the controller. Only the creating process may do this."""
@@ -209,7 +214,8 @@ class ServiceHandle:
         # process raises ServiceUnavailable from now on instead of calling stopped actors.
         client = self._client()
         try:
-            await asyncio.wait_for(_await_monarch(self._controller.shutdown_service.choose()), 60)
+            # A dead controller is replaced first: the replacement stops every replica.
+            await client.ask_controller("shutdown_service", timeout_s=60)
         finally:
             await client.close()
             await self._owner.stop()

@@ -18,21 +18,41 @@ class ReplicaState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class ReplicaRef:
-    """A healthy replica as handles see it: where to send calls."""
+    """A healthy replica as handles see it: where to send calls, and what a replacement
+    controller needs to adopt it (its processes, host placement and history)."""
 
     replica_id: int
     generation: int  # bumped on every rebuild; a failure report names the generation it saw
     actors: Any  # Monarch ActorMesh of the replica's ``num_procs`` actors
     num_procs: int
+    incarnation: int = 0  # of the controller that spawned it (generations restart per controller)
+    pids: tuple[int, ...] = ()
+    placement: Any = None  # hosts.Placement on a host pool, None on the controller's host
+    num_restarts: int = 0
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """Tells apart every replica process set a service ever had."""
+        return (self.replica_id, self.incarnation, self.generation)
 
 
 @dataclass(frozen=True)
 class Membership:
-    """The healthy replicas of a service at one point of its history (``epoch``)."""
+    """The healthy replicas of a service at one point of its history.
+
+    Histories are ordered by ``(incarnation, epoch)``: a replacement controller (the
+    next incarnation) starts a new history that supersedes every epoch of the old one.
+    """
 
     epoch: int
     replicas: tuple[ReplicaRef, ...]
     is_shut_down: bool = False
+    incarnation: int = 0
+    controller_pid: int = 0
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return (self.incarnation, self.epoch)
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,8 @@ class ServiceStats:
 
     service: str
     replicas: tuple[ReplicaStats, ...]
+    controller_pid: int = 0  # the service controller's process (on the creating process's host)
+    controller_incarnation: int = 0  # how many times the controller was replaced
 
     @property
     def num_healthy(self) -> int:
