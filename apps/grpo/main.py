@@ -64,6 +64,7 @@ from forge.observability import drain_local_metrics, merge_metrics, record_metri
 from forge.observability.logger import RunLogger, plot_curves
 from forge.observability.reward_window import RewardWindow
 from forge.util.config import load_config, to_dict
+from forge.util.tmpdirs import private_tmpdir
 from forge.util.tasks import await_chain
 
 logger = logging.getLogger("forge.grpo")
@@ -490,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    private_tmpdir()  # Monarch's socket directories go with this run, even a killed one (next start)
     try:
         if args.resume:
             run_dir = Path(args.resume)

@@ -3,10 +3,12 @@
 import asyncio
 import sys
 
+from forge.util.tmpdirs import private_tmpdir
 from tests.actors.service_actors import Worker
 
 
 async def main() -> None:
+    private_tmpdir()  # as an application's entry point would
     service = await Worker.options(num_replicas=2).as_service()
     actor = await Worker.as_actor()
     await service.whoami.route()

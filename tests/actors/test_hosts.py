@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -161,8 +162,10 @@ import asyncio, os, sys
 sys.path.insert(0, {root!r})
 from tests.actors.test_hosts import Where
 from forge.controller import init_hosts
+from forge.util.tmpdirs import private_tmpdir
 
 async def main():
+    private_tmpdir()
     await init_hosts({{"source": "process_job", "groups": {{"gen": 2}}, "lease_timeout_s": {lease}, "failure_timeout_s": 3}})
     service = await Where.options(num_replicas=2, hosts=1, host_group="gen").as_service()
     await service.where.fanout()
@@ -175,8 +178,15 @@ asyncio.run(main())
 """
 
 
+def tmp_entries() -> set[str]:
+    """What is in the temp directory: Monarch's socket directories, the Forge-owned ones
+    holding them (see forge.util.tmpdirs)."""
+    return set(os.listdir(tempfile.gettempdir()))
+
+
 @pytest.mark.parametrize("how", ["sigkill", "exception"])
 def test_a_client_that_dies_or_never_shuts_down_leaves_no_process_on_any_host(tag, tmp_path, how):
+    dirs_before = tmp_entries()
     script = tmp_path / "client.py"
     script.write_text(CLIENT.format(root=str(ROOT), lease=15, crash=how == "exception"))
     client = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -187,8 +197,10 @@ def test_a_client_that_dies_or_never_shuts_down_leaves_no_process_on_any_host(ta
         if how == "sigkill":
             client.send_signal(signal.SIGKILL)
         client.wait(30)
-        # The pool's reaper sees the client gone and kills the job's processes, workers included.
+        # The pool's reaper sees the client gone and kills the job's processes, workers included,
+        # then removes the socket directories the killed processes left in /tmp.
         assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15, 0.2), procs_with_env("FORGE_TEST_TAG", tag)
+        assert wait_until(lambda: not tmp_entries() - dirs_before, 15, 0.2), tmp_entries() - dirs_before
     finally:
         if client.poll() is None:
             client.kill()
@@ -266,7 +278,7 @@ async def test_a_data_parallel_trainer_spanning_two_hosts_matches_one_process(ta
     from tests.actors.test_trainer import MODEL, make_batch
 
     pool = await init_hosts({"source": "process_job", "groups": {"train": 2}})
-    config = dict(model=MODEL, optimizer={"name": "AdamW", "lr": 1e-2},
+    config = dict(model=MODEL, optimizer={"name": "SGD", "lr": 1.0},  # gradients compared: see test_trainer
                   training={"local_batch_size": 4, "seq_len": 64}, loss={"normalization": "grpo"})
     single = await RLTrainer.options(procs=1).as_actor(**config)
     try:
@@ -278,7 +290,7 @@ async def test_a_data_parallel_trainer_spanning_two_hosts_matches_one_process(ta
             assert losses == pytest.approx([loss] * 2, abs=1e-5)
         expected = await single.weights.call_one()
         got = next(iter((await spanning.weights.call()).values()))
-        assert all(torch.allclose(v, got[k], atol=1e-4) for k, v in expected.items())
+        assert all((v - got[k]).abs().max() <= 1e-6 for k, v in expected.items())
     finally:
         await RLTrainer.shutdown(single)
         await pool.shutdown()  # also stops the spanning trainer, still running on the pool

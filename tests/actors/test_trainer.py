@@ -54,9 +54,15 @@ async def test_train_step_updates_weights_and_reports_metrics():
         await RLTrainer.shutdown(trainer)
 
 
+# FSDP promises the gradient of the global batch, so the weights are compared after SGD
+# steps (an update linear in the gradient): they match to fp32 rounding (1.5e-7 measured).
+# After AdamW steps they need not: Adam's first update is lr * g / (|g| + eps), so for an
+# entry whose gradient is near eps (1e-8), the rounding difference between reducing over
+# ranks and over one batch (~1e-10) moves the update by up to lr * 1e-2; measured 1.01e-5
+# on v_proj with lr 1e-2, deterministic on every run, at the edge of the old 1e-5 tolerance.
 @pytest.mark.parametrize("normalization", ["grpo", "dapo"])
 async def test_two_fsdp_ranks_match_one_process_on_the_same_global_batch(normalization):
-    config = dict(model=MODEL, optimizer={"name": "AdamW", "lr": 1e-2},
+    config = dict(model=MODEL, optimizer={"name": "SGD", "lr": 1.0},
                   training={"local_batch_size": 4, "seq_len": 64}, loss={"normalization": normalization})
     single, double = await asyncio.gather(
         RLTrainer.options(procs=1).as_actor(**config), RLTrainer.options(procs=2).as_actor(**config)
@@ -70,7 +76,7 @@ async def test_two_fsdp_ranks_match_one_process_on_the_same_global_batch(normali
         weights_1 = await single.weights.call_one()
         weights_2 = [v for _, v in (await double.weights.call()).items()][0]
         for key, value in weights_1.items():
-            assert torch.allclose(value, weights_2[key], atol=1e-5), key
+            assert (value - weights_2[key]).abs().max() <= 1e-6, key
     finally:
         await asyncio.gather(RLTrainer.shutdown(single), RLTrainer.shutdown(double))
 

@@ -125,18 +125,22 @@ ON_HOSTS = ["hosts={source: process_job, groups: {gen: 1, train: 1}}",
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fault,hosts", [("ctrl_c", False), ("trainer_dies", False), ("trainer_hangs", False),
-                                         ("ctrl_c", True), ("trainer_dies", True)])
-def test_ctrl_c_and_a_dead_or_hung_trainer_end_the_run_quickly_and_cleanly(tmp_path, fault, hosts):
+                                         ("ctrl_c", True), ("trainer_dies", True), ("registry_dies", True)])
+def test_ctrl_c_a_dead_or_hung_trainer_or_a_dead_registry_end_the_run_quickly_and_cleanly(tmp_path, fault, hosts):
     with app_process(tmp_path, *QUICK, "run.max_steps=1000", f"run.output_dir={tmp_path}", "run.stall_timeout_s=8",
                      *(ON_HOSTS if hosts else [])) as app:
         assert wait_until(lambda: running_with_pids(tmp_path, 1), 240, 0.2)
         if fault == "ctrl_c":
             app.send_signal(signal.SIGINT)
+        elif fault == "registry_dies":
+            os.kill(pid_of(tmp_path, "host registry"), signal.SIGKILL)
         else:
             os.kill(pid_of(tmp_path, "trainer"), signal.SIGSTOP if fault == "trainer_hangs" else signal.SIGKILL)
         out, err = app.communicate(timeout=60)
         if fault == "ctrl_c":
             assert app.returncode == 130 and "--resume" in err
+        elif fault == "registry_dies":  # not replaced: the run stops and blames the registry, not a part
+            assert app.returncode == 1 and "host pool's registry" in err and "actor died" not in err, err[-3000:]
         elif fault == "trainer_hangs":  # a frozen process is alive: only the stall check can end the run
             assert app.returncode == 1 and "no training step finished in" in err, err[-3000:]
             assert "training loop (last step" in err and "s.trainer." in err, err[-3000:]  # it names the call it waits on

@@ -280,12 +280,7 @@ class ForgeActor(Actor):
                     this_host(), placement.procs, rank_env(placement.procs, res.gpus), name=name
                 )
             actors = res.proc_mesh.spawn(name, base, *args, **kwargs)
-            try:
-                res.pids = tuple(pid for _, pid in (await actors._forge_ping.call()).items())
-            except Exception as e:
-                raise ReplicaFailed(f"{base.__name__} failed to start: {e}") from None
-            if "setup" in _endpoints_of(base):
-                await actors.setup.call()
+            res.pids = await _start_actor(actors, base, cls._forge_service_options.spawn_timeout_s)
         except BaseException:
             await res.release()
             raise
@@ -370,6 +365,26 @@ class ForgeActor(Actor):
                 "spawned with as_actor() (or it was shut down already)"
             )
         await resources.release(graceful=True)
+
+
+async def _start_actor(actors: Any, base: type, timeout_s: float) -> tuple[int, ...]:
+    """Wait until every rank of a new actor answers, then run its ``setup``; its pids.
+
+    Each wait is bounded by ``timeout_s`` (the ``spawn_timeout_s`` option)."""
+    what = f"{base.__name__}.as_actor()"
+    try:
+        pids = await asyncio.wait_for(actors._forge_ping.call(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ReplicaFailed(f"{what}: its processes did not answer within {timeout_s:.0f} s "
+                            "(spawn_timeout_s)") from None
+    except Exception as e:
+        raise ReplicaFailed(f"{base.__name__} failed to start: {e}") from None
+    if "setup" in _endpoints_of(base):
+        try:
+            await asyncio.wait_for(actors.setup.call(), timeout_s)
+        except asyncio.TimeoutError:
+            raise ReplicaFailed(f"{what}: setup() did not finish within {timeout_s:.0f} s (spawn_timeout_s)") from None
+    return tuple(pid for _, pid in pids.items())
 
 
 async def actor_alive(actor: Any) -> bool:

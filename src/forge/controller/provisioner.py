@@ -21,6 +21,8 @@ import subprocess
 import threading
 from typing import Any
 
+from forge.util.tmpdirs import sweep_dead_tmpdirs
+
 logger = logging.getLogger("forge.controller")
 
 # Environment Forge gives the service controller process: Monarch then notices a dead
@@ -31,6 +33,7 @@ CONTROLLER_ENV = {
 }
 
 _runtime_lock = threading.Lock()
+_swept = False  # this process swept the temp directories of dead Forge processes
 
 
 def _forge_fault_hook(failure: Any) -> None:
@@ -54,9 +57,13 @@ def ensure_runtime() -> None:
     import monarch.actor
     from monarch._src.actor import supervision
 
+    global _swept
     with _runtime_lock:
         if monarch.actor.unhandled_fault_hook is supervision.unhandled_fault_hook:
             monarch.actor.unhandled_fault_hook = _forge_fault_hook
+        if not _swept:  # what killed Forge processes left in /tmp (see forge.util.tmpdirs)
+            _swept = True
+            sweep_dead_tmpdirs()
 
 
 def free_port() -> int:

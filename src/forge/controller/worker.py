@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     if "://" not in args.address:
         parser.error(f"--address must be a URL such as tcp://0.0.0.0:26600, got {args.address!r}")
     os.environ.setdefault("MONARCH_FILE_LOG", "error")
+    from forge.util.tmpdirs import private_tmpdir
+
+    private_tmpdir()  # the socket directories of the processes it runs; swept after a kill
     from monarch.actor import run_worker_loop_forever
 
     run_worker_loop_forever(address=args.address, ca="trust_all_connections")

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import time
+
 
 JOB_ID_ENV = "FORGE_JOB_ID"
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """The process's start time in clock ticks (tells a reused pid apart), or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -31,7 +33,7 @@ def _start_time(pid: int) -> str | None:
 
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie."""
-    return _start_time(pid) is not None
+    return start_time(pid) is not None
 
 
 def has_env(pid: int, key: str, value: str) -> bool:
@@ -73,10 +75,11 @@ def processes_of_job(job_id: str) -> list[int]:
     return processes_with_env(JOB_ID_ENV, job_id)
 
 
-def reap(client_pid: int, job_id: str, interval_s: float = 0.5) -> int:
-    """Wait for the client to go, then kill the job's processes; returns how many were killed."""
-    started = _start_time(client_pid)
-    while started is not None and _start_time(client_pid) == started:
+def reap(client_pid: int, job_id: str, interval_s: float = 0.5, remove: tuple[str, ...] = ()) -> int:
+    """Wait for the client to go, kill the job's processes, then delete the ``remove``
+    directories (the job's and the client's temp directories); returns how many were killed."""
+    started = start_time(client_pid)
+    while started is not None and start_time(client_pid) == started:
         time.sleep(interval_s)
     killed = 0
     for _ in range(3):  # processes may still be spawning children while we kill
@@ -90,6 +93,8 @@ def reap(client_pid: int, job_id: str, interval_s: float = 0.5) -> int:
         if not pids:
             break
         time.sleep(0.2)
+    for path in remove:  # what Monarch left there (socket directories), now that nobody uses it
+        shutil.rmtree(path, ignore_errors=True)
     return killed
 
 
@@ -97,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m forge.util.reaper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--client", type=int, required=True, help="pid of the client process to watch")
     parser.add_argument("--job", required=True, help="the pool's FORGE_JOB_ID")
+    parser.add_argument("--remove", action="append", default=[], help="a directory to delete afterwards")
     args = parser.parse_args(argv)
-    reap(args.client, args.job)
+    reap(args.client, args.job, remove=tuple(args.remove))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 from monarch.actor import this_host
@@ -15,6 +17,7 @@ from forge.controller.hosts.config import HostInfo, HostRequest, HostsConfig, Ho
 from forge.controller.errors import HostRegistryLost
 from forge.controller.hosts.registry import HostRegistry
 from forge.util.reaper import pid_alive
+from forge.util.tmpdirs import job_tmpdir, owned_tmpdir_of_this_process
 from forge.controller.provisioner import spawn_proc_mesh
 from forge.util.reaper import JOB_ID_ENV
 
@@ -40,6 +43,7 @@ class HostPool:
         self.hosts: list[HostInfo] = []
         self._running: dict[int, tuple[Any, Any]] = {}  # services and actors placed on it: id -> (owner, stop)
         self._reaper: subprocess.Popen | None = None  # process_job: kills the job if this client goes
+        self._tmpdir: Path | None = None  # process_job: the workers' TMPDIR (their socket directories)
 
     def track(self, owner: Any, stop: Any) -> None:
         """Remember a service or actor on this pool; ``shutdown`` awaits ``stop()`` if it is still running."""
@@ -142,6 +146,9 @@ class HostPool:
                 self._reaper.kill()
                 self._reaper.wait()
                 self._reaper = None
+            if self._tmpdir is not None:  # the killed workers' socket directories
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+                self._tmpdir = None
             if self._previous_delivery_timeout is not None:
                 import monarch.config
 
@@ -163,22 +170,30 @@ def current_pool() -> HostPool | None:
     return _pool
 
 
-def start_reaper(job_id: str) -> subprocess.Popen:
-    """A detached process that kills this job's local processes once this client is gone."""
+def start_reaper(job_id: str, tmpdir: Path) -> subprocess.Popen:
+    """A detached process that kills this job's local processes once this client is gone,
+    then deletes the job's temp directory (and this client's own, if it has one)."""
     import sys
 
+    remove = [tmpdir, *filter(None, [owned_tmpdir_of_this_process()])]
     return subprocess.Popen(
-        [sys.executable, "-m", "forge.util.reaper", "--client", str(os.getpid()), "--job", job_id],
+        [sys.executable, "-m", "forge.util.reaper", "--client", str(os.getpid()), "--job", job_id,
+         *(arg for path in remove for arg in ("--remove", str(path)))],
         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
     )
 
 
-def make_job(config: HostsConfig, job_id: str) -> Any:
-    """The Monarch job for a ``process_job`` or ``slurm`` config (not started yet)."""
+def make_job(config: HostsConfig, job_id: str, tmpdir: Path | None = None) -> Any:
+    """The Monarch job for a ``process_job`` or ``slurm`` config (not started yet).
+
+    ``tmpdir`` becomes a ``process_job``'s workers' ``TMPDIR``: each worker binds its
+    processes' sockets in a directory there, which a killed worker would leave behind.
+    """
     from monarch.job import ProcessJob, SlurmJob
 
     if config.source == "process_job":
-        return ProcessJob(config.host_counts(), env={JOB_ID_ENV: job_id, **supervision_env(config.failure_timeout_s)})
+        env = {JOB_ID_ENV: job_id, **supervision_env(config.failure_timeout_s)}
+        return ProcessJob(config.host_counts(), env={**env, "TMPDIR": str(tmpdir)} if tmpdir else env)
     if config.source == "slurm":
         return SlurmJob(meshes=config.host_counts(), **config.slurm)
     raise ValueError(f"source {config.source!r} has no Monarch job")
@@ -215,7 +230,7 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
 
     ensure_runtime()
     job_id = uuid.uuid4().hex[:12]
-    job = reaper = None
+    job = reaper = tmpdir = None
     loop = asyncio.get_running_loop()
     try:
         if config.source == "workers":
@@ -234,12 +249,14 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
                     ) from None
         else:
             if config.source == "process_job":
-                reaper = start_reaper(job_id)
-            job = make_job(config, job_id)
+                tmpdir = job_tmpdir(job_id)
+                reaper = start_reaper(job_id, tmpdir)
+            job = make_job(config, job_id, tmpdir)
             state = await loop.run_in_executor(None, lambda: job.state(cached_path=None))
             meshes = {g: getattr(state, g) for g in config.groups}
         pool = HostPool(config, job_id, job, meshes, previous_timeout)
         pool._reaper, reaper = reaper, None
+        pool._tmpdir, tmpdir = tmpdir, None
         job = None  # the pool owns it now
         try:
             await pool._start()
@@ -256,6 +273,8 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
         if reaper is not None:
             reaper.kill()
             reaper.wait()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     _pool = pool
     return pool
 

@@ -20,8 +20,6 @@ unavailable: calls in flight are cancelled and every call raises ``ServiceUnavai
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import time
 import weakref
@@ -33,6 +31,7 @@ from monarch.actor import ActorError
 from forge.controller.errors import EndpointError, ReplicaFailed, ServiceUnavailable
 from forge.controller.options import ServiceOptions
 from forge.controller.service.routers import ReplicaLoad
+from forge.controller.service.slots import Slot
 from forge.controller.service.types import Membership, ReplayedCall, ReplicaFailure, ReplicaRef
 
 logger = logging.getLogger("forge.service")
@@ -42,7 +41,6 @@ _WATCH_INTERVAL_S = 0.2  # how often a client polls the controller for membershi
 _WATCH_MAX_FAILURES = 6  # consecutive timed-out polls (about 30 s) before the controller counts as gone
 _CONTROLLER_RECOVERY_S = 60.0  # bound on finding or starting a replacement controller
 _ASK_TIMEOUT_S = 2.0  # bound on asking one replica for its controller
-_LATENCY_WINDOW = 2048
 
 
 class _ControllerGone(Exception):
@@ -79,70 +77,9 @@ def is_infrastructure_error(error: BaseException) -> bool:
     return type(error).__name__ == "SupervisionError"
 
 
-class _Slot:
-    """One healthy replica generation as this process sees it."""
-
-    def __init__(self, ref: ReplicaRef, max_concurrent: int, history: "_Slot | None") -> None:
-        self.ref = ref
-        self.load = ReplicaLoad(ref.replica_id, 0, 0)
-        self.free_capacity = max_concurrent  # calls this replica may still be sent now
-        self.waiters: collections.deque[asyncio.Future] = collections.deque()
-        self.callers: set[asyncio.Task] = set()  # tasks awaiting a reply from this replica
-        self.evicted: set[asyncio.Task] = set()  # callers that leave() cancelled
-        self.is_gone = False
-        self._endpoints: dict[str, Any] = {}
-        self.completed = history.completed if history else 0
-        self.failed = history.failed if history else 0
-        self.latencies_s: collections.deque[float] = (
-            history.latencies_s if history else collections.deque(maxlen=_LATENCY_WINDOW)
-        )
-
-    def endpoint(self, name: str) -> Any:
-        ep = self._endpoints.get(name)
-        if ep is None:
-            ep = self._endpoints[name] = getattr(self.ref.actors, name)
-        return ep
-
-    async def wait_for_capacity(self) -> None:
-        """Queue until a call to this replica finishes (FIFO); capacity is handed over."""
-        waiter = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
-        self.load.queued += 1
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release_capacity()  # handed over just as we were cancelled: pass it on
-            else:
-                with contextlib.suppress(ValueError):  # release_capacity may have skipped it already
-                    self.waiters.remove(waiter)
-            raise
-        finally:
-            self.load.queued -= 1
-
-    def release_capacity(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.free_capacity += 1
-
-    def leave(self) -> None:
-        """The replica left the service: cancel calls still waiting on it (they are resent)."""
-        self.is_gone = True
-        current = asyncio.current_task()  # a caller that found the failure itself is not cancelled
-        self.evicted = {c for c in self.callers if c is not current}
-        for caller in self.evicted:
-            caller.cancel()
-        for waiter in self.waiters:  # queued calls go on to find another replica
-            if not waiter.done():
-                waiter.set_result(None)
-
-
 @dataclass
 class _Session:
-    slot: _Slot | None = None
+    slot: Slot | None = None
 
 
 async def _await_monarch(future: Any) -> Any:
@@ -159,8 +96,8 @@ class ServiceClient:
         self._controller = controller
         self._options = options
         self._router = options.router_factory()
-        self._slots: dict[int, _Slot] = {}
-        self._retired: dict[int, _Slot] = {}  # last slot of replicas that left, for statistics
+        self._slots: dict[int, Slot] = {}
+        self._retired: dict[int, Slot] = {}  # last slot of replicas that left, for statistics
         self._healthy_loads: list[ReplicaLoad] = []
         self._version = (-1, -1)  # (incarnation, epoch) of the membership applied last
         self._owner: Any = None  # in the creating process: replaces a dead controller
@@ -185,7 +122,7 @@ class ServiceClient:
         self.membership = membership
         if membership.is_shut_down:
             self._broken = f"service {self.name!r} has been shut down"
-        new_slots: dict[int, _Slot] = {}
+        new_slots: dict[int, Slot] = {}
         for ref in membership.replicas:
             if ref.key in self._dropped:
                 continue  # this process saw it fail; the controller's answer predates our report
@@ -194,7 +131,7 @@ class ServiceClient:
                 new_slots[ref.replica_id] = old
             else:
                 history = old or self._retired.get(ref.replica_id)
-                new_slots[ref.replica_id] = _Slot(ref, self._options.max_concurrent_requests, history)
+                new_slots[ref.replica_id] = Slot(ref, self._options.max_concurrent_requests, history)
         for replica_id, old in self._slots.items():
             if new_slots.get(replica_id) is not old:
                 old.leave()
@@ -214,7 +151,7 @@ class ServiceClient:
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
 
-    def _drop_slot(self, slot: _Slot, reason: str) -> None:
+    def _drop_slot(self, slot: Slot, reason: str) -> None:
         """This process saw the replica fail: stop using it and tell the controller."""
         self._dropped.add(slot.ref.key)
         if self._slots.get(slot.ref.replica_id) is slot:
@@ -309,6 +246,11 @@ class ServiceClient:
                     failures = 0
                     continue
                 logger.info("service %s: membership poll failed (%r); retrying", self.name, e)
+                try:
+                    if await self._adopt_newer_controller():
+                        failures = 0
+                except Exception as ask_error:  # the next poll, or the recovery after it, decides
+                    logger.info("service %s: asking the replicas for a newer controller: %r", self.name, ask_error)
             await asyncio.sleep(_WATCH_INTERVAL_S)
 
     async def _recover_controller(self, error: BaseException) -> bool:
@@ -341,18 +283,36 @@ class ServiceClient:
         return True
 
     async def _find_controller(self, deadline: float) -> Any:
-        """Ask the replicas this process knows which controller they answer to now."""
-        incarnation = self._version[0]
+        """Ask the replicas this process knows which controller they answer to now, until one
+        names a newer controller than ours."""
         while time.monotonic() < deadline:
-            slots = list(self._slots.values())
-            answers = await asyncio.gather(*(
-                asyncio.wait_for(_await_monarch(slot.ref.actors._forge_controller.choose()), _ASK_TIMEOUT_S)
-                for slot in slots), return_exceptions=True)
-            newer = [a for a in answers if isinstance(a, tuple) and a[0] > incarnation]
-            if newer:
-                return max(newer, key=lambda a: a[0])[1]
+            controller = await self._newer_controller()
+            if controller is not None:
+                return controller
             await asyncio.sleep(_WATCH_INTERVAL_S)
         raise TimeoutError("no replica named a newer controller")
+
+    async def _newer_controller(self) -> Any:
+        """One round of asking the known replicas; a controller newer than ours, or None."""
+        answers = await asyncio.gather(*(
+            asyncio.wait_for(_await_monarch(slot.ref.actors._forge_controller.choose()), _ASK_TIMEOUT_S)
+            for slot in list(self._slots.values())), return_exceptions=True)
+        newer = [a for a in answers if isinstance(a, tuple) and a[0] > self._version[0]]
+        return max(newer, key=lambda a: a[0])[1] if newer else None
+
+    async def _adopt_newer_controller(self) -> bool:
+        """In a process that did not create the service: a poll went unanswered, so ask the
+        replicas whether a replacement controller took over (whether we switched to it)."""
+        if self._owner is not None:
+            return False
+        controller = await self._newer_controller()
+        if controller is None:
+            return False
+        membership = await asyncio.wait_for(
+            _await_monarch(controller.membership_since.choose((-1, -1))), _WATCH_TIMEOUT_S)
+        self._controller = controller
+        self.apply(membership)
+        return True
 
     def _abandon(self) -> None:
         """No controller: cancel the calls in flight (they fail over to ServiceUnavailable)."""
@@ -394,7 +354,7 @@ class ServiceClient:
         except asyncio.TimeoutError:
             pass
 
-    async def _pick(self, session: _Session | None) -> _Slot:
+    async def _pick(self, session: _Session | None) -> Slot:
         deadline: float | None = None
         while True:
             if self._broken is not None:
@@ -414,7 +374,7 @@ class ServiceClient:
 
     # ---- calls -----------------------------------------------------------------
 
-    async def _call(self, slot: _Slot, method: str, args: tuple, kwargs: dict, all_ranks: bool) -> Any:
+    async def _call(self, slot: Slot, method: str, args: tuple, kwargs: dict, all_ranks: bool) -> Any:
         """One call to one replica. Raises ``_ReplicaGone`` for infrastructure failures."""
         load = slot.load
         if slot.free_capacity > 0 and not slot.waiters:
@@ -569,7 +529,7 @@ class ServiceClient:
                 self._notify()
         return results
 
-    async def _drained(self, slot: _Slot, method: str) -> None:
+    async def _drained(self, slot: Slot, method: str) -> None:
         """Wait until this process's calls to a replica held out by ``rolling()`` have finished."""
         deadline = time.monotonic() + self._options.unavailable_timeout_s
         while slot.load.in_flight or slot.load.queued:
@@ -580,7 +540,7 @@ class ServiceClient:
                     f"{self._options.unavailable_timeout_s} s (unavailable_timeout_s)")
             await asyncio.sleep(0.005)
 
-    async def _rolling_call(self, slot: _Slot, method: str, args: tuple, kwargs: dict) -> Any:
+    async def _rolling_call(self, slot: Slot, method: str, args: tuple, kwargs: dict) -> Any:
         try:
             return await self._call_or_fail(slot, method, args, kwargs, "rolling")
         except ReplicaFailed as e:
@@ -601,7 +561,7 @@ class ServiceClient:
         except Exception as e:  # a dead controller: its replacement is given this call
             logger.info("service %s: could not give the controller %s: %r", self.name, method, e)
 
-    async def _call_or_fail(self, slot: _Slot, method: str, args: tuple, kwargs: dict, adverb: str) -> Any:
+    async def _call_or_fail(self, slot: Slot, method: str, args: tuple, kwargs: dict, adverb: str) -> Any:
         """A call to one given replica (fanout, rolling): its death is a ReplicaFailed, not a resend."""
         try:
             return await self._call(slot, method, args, kwargs, self._options.all_ranks)
@@ -622,7 +582,7 @@ class ServiceClient:
         if stack:
             stack.pop()
 
-    def counters(self) -> dict[int, _Slot]:
+    def counters(self) -> dict[int, Slot]:
         merged = dict(self._retired)
         merged.update(self._slots)
         return merged

@@ -17,7 +17,7 @@ from typing import Any
 from forge.controller.actor import _DRAIN
 from forge.controller.errors import ForgeUsageError
 from forge.controller.options import PlacementOptions, ServiceOptions
-from forge.controller.service.client import ServiceClient, _await_monarch
+from forge.controller.service.client import ServiceClient
 from forge.controller.service.types import Membership, ReplicaStats, ServiceStats
 
 _STATS_TIMEOUT_S = 30.0
