@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from monarch.actor import endpoint
 
 from forge.controller import ForgeActor, actor_alive, init_hosts
+from forge.util.tmpdirs import tmp_root
 from tests.helpers import async_wait_until, procs_with_env, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -179,9 +179,8 @@ asyncio.run(main())
 
 
 def tmp_entries() -> set[str]:
-    """What is in the temp directory: Monarch's socket directories, the Forge-owned ones
-    holding them (see forge.util.tmpdirs)."""
-    return set(os.listdir(tempfile.gettempdir()))
+    """What is in the temp directory where Forge processes make their own (see forge.util.tmpdirs)."""
+    return set(os.listdir(tmp_root()))
 
 
 @pytest.mark.parametrize("how", ["sigkill", "exception"])
@@ -272,8 +271,6 @@ def _parent(pid: int) -> int:
 
 
 async def test_a_data_parallel_trainer_spanning_two_hosts_matches_one_process(tag):
-    import torch
-
     from forge.actors.trainer import RLTrainer
     from tests.actors.test_trainer import MODEL, make_batch
 

@@ -16,6 +16,8 @@ a ``TMPDIR`` whose name says who owns it:
   by the next sweep once the client is gone.
 
 ``<start>`` is the process's start time, so a reused pid is never taken for the owner.
+They are made side by side in the system temp directory, never inside one another even
+when a process with one starts another: Unix socket paths are limited to 107 bytes.
 """
 
 from __future__ import annotations
@@ -34,13 +36,21 @@ from forge.util.reaper import start_time
 logger = logging.getLogger("forge.util")
 
 _OWNED = re.compile(r"^forge-(?:tmp|job)-(?P<pid>\d+)-(?P<start>\d+)(?:-[0-9a-f]+)?$")
-_system_tmp = tempfile.gettempdir()  # before any private_tmpdir() of this process
 
 
 def owner_tag(pid: int | None = None) -> str:
     """``<pid>-<start>`` of a live process (default: this one)."""
     pid = os.getpid() if pid is None else pid
     return f"{pid}-{start_time(pid)}"
+
+
+def tmp_root() -> Path:
+    """The temp directory owned directories are made in: ``$TMPDIR``, or, when that is
+    itself an owned one (inherited from the process that started this one), its parent."""
+    path = Path(tempfile.gettempdir())
+    while _OWNED.match(path.name):
+        path = path.parent
+    return path
 
 
 def private_tmpdir() -> Path:
@@ -54,17 +64,18 @@ def private_tmpdir() -> Path:
     if existing is not None:
         return existing
     sweep_dead_tmpdirs()
-    path = Path(tempfile.gettempdir()) / f"forge-tmp-{owner_tag()}"
+    path = tmp_root() / f"forge-tmp-{owner_tag()}"
     path.mkdir(mode=0o700, exist_ok=True)
     os.environ["TMPDIR"] = str(path)
     tempfile.tempdir = None  # Python's own cache of it
+    atexit.register(sweep_dead_tmpdirs)  # runs last: what processes this one started left behind
     atexit.register(shutil.rmtree, path, True)
     return path
 
 
 def job_tmpdir(job_id: str) -> Path:
     """A directory for the workers of host-pool job ``job_id`` of this client."""
-    path = Path(tempfile.gettempdir()) / f"forge-job-{owner_tag()}-{job_id}"
+    path = tmp_root() / f"forge-job-{owner_tag()}-{job_id}"
     path.mkdir(mode=0o700, exist_ok=True)
     return path
 
@@ -90,14 +101,14 @@ def owned_tmpdir_of_this_process() -> Path | None:
 
 def sweep_dead_tmpdirs() -> int:
     """Remove the owned temp directories (see the module docstring) whose owner is gone; how many."""
+    root = tmp_root()
+    try:
+        entries = [e for e in os.scandir(root) if _is_dead_owners(e)]
+    except OSError as e:
+        logger.info("cannot look for leftover temp directories in %s: %s", root, e)
+        return 0
     removed = 0
-    for root in {_system_tmp, tempfile.gettempdir()}:
-        try:
-            entries = [e for e in os.scandir(root) if _is_dead_owners(e)]
-        except OSError as e:
-            logger.info("cannot look for leftover temp directories in %s: %s", root, e)
-            continue
-        for entry in entries:
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed += not os.path.exists(entry.path)
+    for entry in entries:
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed += not os.path.exists(entry.path)
     return removed
