@@ -125,6 +125,13 @@ class HostRequest:
     registry: Any  # the pool's HostRegistry ActorMesh
     mesh: Any  # the group's HostMesh
     failure_timeout_s: float
+    registry_pid: int = 0  # on the client's host, like every service controller
+
+    def registry_gone(self) -> bool:
+        """Whether the registry's process has died (then asking it anything would only time out)."""
+        from forge.util.reaper import pid_alive
+
+        return bool(self.registry_pid) and not pid_alive(self.registry_pid)
 
 
 @dataclass(frozen=True)

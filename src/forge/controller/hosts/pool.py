@@ -75,7 +75,7 @@ class HostPool:
                 raise ValueError(f"{what}: with_gpus=True and procs={procs} needs {procs} GPU(s) per host, but "
                                  f"hosts {short} of group {group!r} have fewer")
         return HostRequest(group, count, procs, with_gpus, self.registry, self._meshes[group],
-                           self.config.failure_timeout_s)
+                           self.config.failure_timeout_s, self.registry_pid)
 
     async def statuses(self) -> list[HostStatus]:
         """Every host of the pool: alive or dead, placements, GPUs in use."""
@@ -127,7 +127,7 @@ class HostPool:
             for result in results:
                 if isinstance(result, BaseException):
                     logger.info("host pool shutdown: stopping a service or actor: %s", result)
-            if self.registry is not None:
+            if self.registry is not None and pid_alive(self.registry_pid):
                 try:
                     await asyncio.wait_for(self.registry.release_all.call_one(), 30)
                 except Exception as e:  # the job's kill below still takes the workers down

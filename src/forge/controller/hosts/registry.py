@@ -12,6 +12,7 @@ from typing import Any
 
 from monarch.actor import Actor, endpoint
 
+from forge.controller.errors import HostRegistryLost
 from forge.controller.hosts.agent import HostAgent
 from forge.controller.hosts.config import (
     HEARTBEAT_INTERVAL_S,
@@ -268,6 +269,8 @@ async def place(request: HostRequest, owner: str) -> Placement:
     If the caller is cancelled while the registry is placing, the placement is released
     when it arrives, so its hosts and GPUs are not lost.
     """
+    if request.registry_gone():
+        raise HostRegistryLost(f"{owner}: cannot be placed: the host pool's registry (pid {request.registry_pid}) died")
     call = asyncio.ensure_future(asyncio.wait_for(request.registry.place.call_one(request, owner), 60))
     try:
         return await asyncio.shield(call)
@@ -299,6 +302,8 @@ def spawn_placed(request: HostRequest, placement: Placement, name: str, extra_en
 
 async def release_placement(request: HostRequest, placement: Placement, kill: tuple[int, ...] | list[int] = ()) -> None:
     """Give a placement's hosts and GPUs back, first killing ``kill`` (pids of ranks that would not stop)."""
+    if request.registry_gone():  # the pool is over; its agents' leases clean the hosts up
+        return
     try:
         if kill:
             await asyncio.wait_for(request.registry.kill.call_one(placement, list(kill)), 2 * CHECK_TIMEOUT_S)
@@ -315,6 +320,8 @@ async def wait_for_returns(last_host_death: float | None, failure_timeout_s: flo
 
 async def placement_alive(request: HostRequest, placement: Placement, timeout_s: float = 2 * CHECK_TIMEOUT_S) -> bool | None:
     """Whether every host of a placement answers now; None when the registry is gone (pool shutting down)."""
+    if request.registry_gone():
+        return None
     try:
         return await asyncio.wait_for(request.registry.check.call_one(placement.placement_id), timeout_s)
     except Exception:

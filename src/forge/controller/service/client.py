@@ -185,16 +185,17 @@ class ServiceClient:
         """Call one of the controller's endpoints. A dead controller is replaced first (in the
         creating process); a call that finds it dead is made once more, to the replacement."""
         await self.ensure_controller()
+        controller = self._controller
         try:
-            return await self._ask(endpoint, args, timeout_s)
+            return await self._ask(controller, endpoint, args, timeout_s)
         except Exception as e:
-            if not is_infrastructure_error(e) or not await self._recover_controller(e):
+            if not is_infrastructure_error(e) or not await self._recover_controller(e, controller):
                 raise
-        return await self._ask(endpoint, args, timeout_s)
+        return await self._ask(self._controller, endpoint, args, timeout_s)
 
-    async def _ask(self, endpoint: str, args: tuple, timeout_s: float) -> Any:
+    async def _ask(self, controller: Any, endpoint: str, args: tuple, timeout_s: float) -> Any:
         try:
-            return await asyncio.wait_for(_await_monarch(getattr(self._controller, endpoint).choose(*args)), timeout_s)
+            return await asyncio.wait_for(_await_monarch(getattr(controller, endpoint).choose(*args)), timeout_s)
         except asyncio.TimeoutError:
             raise TimeoutError(f"service {self.name!r}: its controller did not answer {endpoint}() within "
                                f"{timeout_s:.0f} s") from None
@@ -202,19 +203,22 @@ class ServiceClient:
     async def ensure_controller(self) -> None:
         """In the creating process: replace the controller now if its process is gone."""
         if self._owner is not None and self._broken is None and not self._owner.controller_alive():
-            await self._recover_controller(_ControllerGone(f"its process (pid {self._owner.controller_pid}) is gone"))
+            gone = _ControllerGone(f"its process (pid {self._owner.controller_pid}) is gone")
+            await self._recover_controller(gone, self._controller)
 
     def watch_as_owner(self, owner: Any) -> None:
         """This is the creating process: watch the controller from now on and replace it if it dies."""
         self._owner = owner
         self._ensure_watcher()
 
-    async def _poll(self) -> None:
-        """Ask the controller once for membership changes. Raises if it is unreachable."""
+    async def _poll(self, controller: Any = None) -> None:
+        """Ask the controller (default: the current one) once for membership changes.
+        Raises if it is unreachable."""
+        controller = controller if controller is not None else self._controller
         if self._owner is not None and not self._owner.controller_alive():
             raise _ControllerGone(f"its process (pid {self._owner.controller_pid}) is gone")
         membership = await asyncio.wait_for(
-            _await_monarch(self._controller.membership_since.choose(self._version)), _WATCH_TIMEOUT_S
+            _await_monarch(controller.membership_since.choose(self._version)), _WATCH_TIMEOUT_S
         )
         if membership is not None:
             self.apply(membership)
@@ -233,15 +237,16 @@ class ServiceClient:
     async def _watch(self) -> None:
         failures = 0
         while self._broken is None:
+            controller = self._controller
             try:
-                await self._poll()
+                await self._poll(controller)
                 failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a slow answer is retried; a dead controller is replaced
                 failures += 1
                 if isinstance(e, _ControllerGone) or is_infrastructure_error(e) or failures >= _WATCH_MAX_FAILURES:
-                    if not await self._recover_controller(e):
+                    if not await self._recover_controller(e, controller):
                         return
                     failures = 0
                     continue
@@ -253,9 +258,10 @@ class ServiceClient:
                     logger.info("service %s: asking the replicas for a newer controller: %r", self.name, ask_error)
             await asyncio.sleep(_WATCH_INTERVAL_S)
 
-    async def _recover_controller(self, error: BaseException) -> bool:
-        """Get a working controller after ``error``; whether one is back (else the service is unavailable)."""
-        failed = self._controller
+    async def _recover_controller(self, error: BaseException, failed: Any) -> bool:
+        """Get a working controller after ``error`` from controller ``failed``; whether one is
+        back (else the service is unavailable). Only ``failed`` is ever replaced: an error
+        seen on a controller that has been replaced meanwhile needs nothing more."""
         async with self._recovery:  # the watcher and shutdown() may both find the controller gone
             if self._controller is not failed or self._broken is not None:
                 return self._broken is None
