@@ -46,11 +46,11 @@ def small_tmpfs(tmp_path):
 
 _PUBLISH_2_MIB = """
 import sys, torch
-from forge.weights import store as ws
+from forge.weights import _files, store as ws
 if sys.argv[2] in ("no-check", "no-guard"):  # as if another process took the space after the check
     ws._ensure_space = lambda directory, needed: None
 if sys.argv[2] == "no-guard":
-    ws._reserve = lambda fd, path, size: None
+    _files._reserve = lambda fd, path, size: None
 try:
     ws.WeightStore("big", directory=sys.argv[1]).publish({"w": torch.zeros(512 * 1024)}, 1)
 except ws.WeightStoreFull as e:
