@@ -42,7 +42,7 @@ class ServiceOptions:
     health_probe_timeout_s: float = 30.0  # a replica silent this long is hung and is rebuilt
     unavailable_timeout_s: float = 60.0  # how long route() waits for a healthy replica
     max_retries: int = 3  # resends of one route() call after the replica running it failed
-    poison_threshold: int = 2  # a route() call that took down this many replicas fails, not resent
+    poison_threshold: int = 2  # a route() call that took down this many different replicas fails, not resent
     spawn_timeout_s: float = 600.0  # bound on spawning a replica and running its setup
     max_restarts: int = 3  # restarts of one replica within restart_window_s before cool-down
     restart_window_s: float = 60.0

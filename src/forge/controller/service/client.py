@@ -443,13 +443,17 @@ class ServiceClient:
         """Call ``method`` on one healthy replica; infrastructure failures are resent elsewhere.
 
         A call is resent at most ``max_retries`` times, and never after it has taken down
-        ``poison_threshold`` replicas (they died or hung while running it): such a request
-        is more likely the cause than the victim, and resending it would take down the rest.
+        ``poison_threshold`` different replicas (each died or hung while running it): such a
+        request is more likely the cause than the victim, and resending it would take down
+        the rest. Different replicas, not deaths: a request that waited out the rebuild of
+        the one replica it was on, and was on the rebuilt one when that died too, was
+        unlucky twice on one replica (a run whose only generator is killed repeatedly), and
+        is bounded by ``max_retries`` instead.
         """
         self._ensure_watcher()
         session = self._session()
         options = self._options
-        taken_down: list[_ReplicaGone] = []
+        taken_down: dict[int, _ReplicaGone] = {}  # replica id -> how it went
         for _ in range(options.max_retries + 1):
             slot = await self._pick(session)
             try:
@@ -457,11 +461,11 @@ class ServiceClient:
             except _ReplicaGone as gone:
                 last = gone
                 if gone.was_running:
-                    taken_down.append(gone)
+                    taken_down[gone.replica_id] = gone
                 if len(taken_down) >= options.poison_threshold:
                     raise ReplicaFailed(
                         f"service {self.name!r}: {method}.route() was running on {len(taken_down)} replicas "
-                        f"({', '.join(str(g.replica_id) for g in taken_down)}) when each died or hung (last: "
+                        f"({', '.join(map(str, sorted(taken_down)))}) when each died or hung (last: "
                         f"{gone.reason}); the request is likely the cause, so it is not resent (poison_threshold="
                         f"{options.poison_threshold}). The replicas are being rebuilt",
                         gone.replica_id,
