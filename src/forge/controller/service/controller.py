@@ -46,7 +46,7 @@ from forge.controller.hosts import (
 from forge.controller.options import PlacementOptions, ServiceOptions
 from forge.controller.provisioner import rank_env, spawn_proc_mesh, stop_quietly
 from forge.controller.service.types import Membership, ReplayedCall, ReplicaHealth, ReplicaRef, ReplicaState
-from forge.util.reaper import kill_tagged, pid_alive, processes_with_env
+from forge.util.reaper import has_env, kill_tagged, processes_with_env
 
 logger = logging.getLogger("forge.service")
 
@@ -356,8 +356,8 @@ class ServiceController(Actor):
 
     async def _check_adopted(self, replica: _Replica) -> None:
         generation, pids = replica.generation, replica.pids
-        if replica.placement is None:
-            alive = all(pid_alive(pid) for pid in pids)
+        if replica.placement is None:  # a pid alone may have been reused: check it is still this service's
+            alive = all(has_env(pid, SERVICE_ID_ENV, self._spec.service_id) for pid in pids)
         else:
             try:
                 alive = await asyncio.wait_for(
