@@ -85,11 +85,14 @@ async def test_bad_policy_config_is_rejected_before_spawning(kwargs, named):
     assert set(monarch_descendants()) <= before
 
 
-async def test_a_request_too_long_for_the_engine_is_an_error_not_a_hang():
+async def test_a_prompt_too_long_for_the_engine_is_an_error_and_a_long_completion_is_capped():
     policy = await Policy.as_actor(engine_config=ENGINE, sampling_config={"max_tokens": 60})
     try:
         with pytest.raises(Exception, match="max_model_len=64"):
-            await policy.generate.call_one("12345678+1=")
+            await policy.generate.call_one("1234567890" * 7)
+        capped = await policy.generate.call_one("12345678+1=", sampling_config={"max_tokens": 60, "ignore_eos": True})
+        assert capped[0].stop_reason == "length"
+        assert len(capped[0].prompt_ids) + len(capped[0].token_ids) == 64  # vLLM's cap: max_model_len
         assert len((await policy.generate.call_one("1=", sampling_config={"max_tokens": 4}))) == 1
     finally:
         await Policy.shutdown(policy)

@@ -8,6 +8,7 @@ import pytest
 from monarch.actor import endpoint
 
 from forge.controller import ForgeActor
+from forge.data.rewards import MathReward, ThinkingReward
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,18 +71,6 @@ async def test_forge_counter_as_a_single_actor_mixes_sync_and_async_endpoints():
         await ForgeCounter.shutdown(counter)
 
 
-class MathReward:
-    """A small reward function of the test's own: 1.0 when the target number appears."""
-
-    def __call__(self, prompt: str, response: str, target: str) -> float:
-        return 1.0 if target in response else 0.0
-
-
-class LengthReward:
-    def __call__(self, prompt: str, response: str, target: str) -> float:
-        return 1.0 if len(response) < 40 else 0.0
-
-
 class RewardActor(ForgeActor):
     def __init__(self, reward_functions: list):
         self.reward_functions = reward_functions
@@ -97,17 +86,27 @@ class RewardActor(ForgeActor):
 
 
 async def test_reward_service_example_scores_a_correct_answer():
-    reward_actor = await RewardActor.options(procs=1, num_replicas=1).as_service(
-        reward_functions=[MathReward(), LengthReward()]
+    reward_actor = await RewardActor.options(
+        procs=1, num_replicas=1
+    ).as_service(
+        reward_functions=[MathReward(), ThinkingReward()]
     )
     try:
+        prompt = "What is 15% of 240?"
+        response = "15% of 240 is 36"
+        target = "36"
+
         score = await reward_actor.evaluate_response.route(
-            prompt="What is 15% of 240?", response="15% of 240 is 36", target="36"
+            prompt=prompt,
+            response=response,
+            target=target
         )
-        assert score == 1.0
-        wrong = await reward_actor.evaluate_response.call_one(
-            prompt="What is 15% of 240?", response="15% of 240 is 35", target="36"
-        )
-        assert wrong == 0.5
+        print(f"Reward score: {score}")
+        assert score == 0.5  # MathReward 1.0, ThinkingReward 0.0 (no <think> block)
+        thought = await reward_actor.evaluate_response.route(prompt, "<think>15% is 0.15</think> 36", target)
+        assert thought == 1.0
+        wrong = await reward_actor.evaluate_response.call_one(prompt=prompt, response="15% of 240 is 35", target=target)
+        assert wrong == 0.0
     finally:
+        # Cleanup when done
         await reward_actor.shutdown()

@@ -93,7 +93,7 @@ def test_group_advantages_are_normalised_or_centred():
 def episode(version, i=0):
     e = Group.new_group(f"g{i}", 1, "1+1=", version, 0, 4, 2, "2").episodes[0]
     e.request_tokens, e.response_tokens = [5, 13, 5, 16], [6, 2]
-    e.response_logprobs, e.ref_logprobs, e.advantage = [-0.5, -0.1], [-0.6, -0.2], 1.0
+    e.response_logprobs, e.ref_logprobs, e.advantage, e.reward = [-0.5, -0.1], [-0.6, -0.2], 1.0, 1.0
     return e
 
 

@@ -80,8 +80,19 @@ def test_no_admission_while_paused():
 def test_requests_that_cannot_fit_are_refused_with_the_limit_named():
     s = make(num_slots=2, max_len=8)
     with pytest.raises(ValueError, match="max_model_len=8"):
-        s.add([1] * 5, SamplingParams(max_tokens=4))
+        s.add([1] * 8, SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="max_num_seqs=2"):
         s.add([1], SamplingParams(n=3, max_tokens=2))
     with pytest.raises(ValueError, match="empty"):
         s.add([], SamplingParams(max_tokens=2))
+
+
+def test_a_completion_that_would_overflow_max_model_len_ends_there_with_length():
+    """As in vLLM: max_tokens beyond the room left is capped, not refused."""
+    s = make(num_slots=1, max_len=8)
+    a = s.add([1] * 5, SamplingParams(max_tokens=10))
+    assert s.admit() == [a]
+    for _ in range(3):
+        s.append(a.sequences[0], 9, -0.1)
+    assert a.is_finished and a.sequences[0].finish_reason == FINISH_LENGTH
+    assert len(a.sequences[0].token_ids) == 3  # 5 + 3 fill the 8 positions

@@ -11,6 +11,9 @@ every prompt is ``max_req_tokens`` long (left-pad shorter prompts). The result i
 Logprobs are computed in chunks of ``chunk_size`` positions: the decoder runs once, then
 ``lm_head`` + log-softmax run chunk by chunk, so the full ``[B, L, V]`` fp32 logits are
 never held at once (peak extra memory O(B * chunk_size * V); bench/reference_memory.py).
+
+A ``max_req_tokens`` that is not a split point inside the input (e.g. 512 with an unpadded
+40-token input) raises ``ValueError`` in the caller, before the message is sent.
 """
 
 from __future__ import annotations
@@ -19,7 +22,21 @@ import torch
 from monarch.actor import endpoint
 
 from forge.actors._model_spec import ModelSpec
-from forge.controller import ForgeActor
+from forge.controller import ForgeActor, checked_in_caller
+
+
+def check_forward(input_ids: torch.Tensor, max_req_tokens: int, return_logprobs: bool = True) -> None:
+    """``forward``'s arguments: a 1-D or 2-D token tensor, and a split point inside it."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2):
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"ReferenceModel.forward: input_ids must be a [B, L] (or [L]) token tensor, got {shape}")
+    length = input_ids.shape[-1]
+    if isinstance(max_req_tokens, bool) or not isinstance(max_req_tokens, int) or not 0 < max_req_tokens < length:
+        raise ValueError(
+            f"ReferenceModel.forward: max_req_tokens={max_req_tokens!r} must be the request length, a split point "
+            f"inside the {length}-token input (request first, then response): 1..{length - 1}. With unpadded "
+            "prompts pass len(prompt_ids); with prompts left-padded to P tokens pass P"
+        )
 
 
 def chunked_logprobs(
@@ -69,16 +86,13 @@ class ReferenceModel(ForgeActor):
         self.model.requires_grad_(False)
 
     @endpoint
+    @checked_in_caller(check_forward)
     async def forward(self, input_ids: torch.Tensor, max_req_tokens: int, return_logprobs: bool = True) -> torch.Tensor:
+        check_forward(input_ids, max_req_tokens, return_logprobs)
         device = next(self.model.parameters()).device
         ids = input_ids.to(device)
         if ids.dim() == 1:
             ids = ids[None]
-        if not 0 < max_req_tokens < ids.shape[1]:
-            raise ValueError(
-                f"max_req_tokens={max_req_tokens} must be the request length, inside the "
-                f"{ids.shape[1]}-token input (request first, then response)"
-            )
         with torch.inference_mode():
             if return_logprobs:
                 return chunked_logprobs(self.model, ids, max_req_tokens, self.chunk_size, self.temperature).cpu()

@@ -10,6 +10,19 @@ is used at most ``max_resample`` times (1: once). ``sample`` returns ``(inputs, 
 collated for the trainer; with ``dp_size > 1`` two lists, one share per data-parallel
 rank. The logic lives in ``EpisodeBuffer`` (no Monarch), the actor is a thin shell.
 
+``add`` refuses an episode that cannot be trained on — a missing (None) field, an empty
+prompt or response, logprob lists whose length is not the response's, a non-finite
+reward or advantage — with a ``ValueError`` naming the episode and the field, raised in
+the caller before the message is sent (and again in the buffer, for other paths).
+
+Episodes without behaviour logprobs (``response_logprobs`` empty, as a loop that builds
+its own episodes may leave it) are trained as on-policy: the trainer uses its own
+detached logprobs for their tokens (ratio 1) and counts them in its
+``behaviour_fallback_tokens`` metric. That is only correct while the trainer still has
+the weights that generated them, so ``sample`` refuses such an episode once the policy
+version has moved past its own: it is dropped and ``sample`` raises a ``ValueError``
+naming it, instead of training it as if it were fresh.
+
 Which episodes were trained on is an audit of the run (none twice, none lost across a
 resume), but a list of every id grows with the step count, in memory and in every
 checkpoint. So the buffer keeps only a count and a bounded window of recent ids, and
@@ -23,6 +36,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import random
 from pathlib import Path
@@ -30,12 +44,67 @@ from typing import Any, Iterator
 
 from monarch.actor import endpoint
 
-from forge.controller import ForgeActor
+from forge.controller import ForgeActor, checked_in_caller
 from forge.data.batch import collate
 
 logger = logging.getLogger(__name__)
 
 RECENT_IDS = 1024  # ids of the latest sampled episodes kept in memory and in checkpoints
+
+
+_REQUIRED = ("policy_version", "pad_id", "request_tokens", "response_tokens", "ref_logprobs", "advantage")
+
+
+def _length(values: Any) -> int:
+    shape = getattr(values, "shape", None)
+    if shape is not None and len(shape) != 1:
+        raise ValueError(f"must be 1-D, one value per response token; got shape {tuple(shape)}")
+    return len(values)
+
+
+def check_episode(episode: Any) -> None:
+    """Raise ``ValueError`` naming the episode and the field when it cannot be trained on."""
+    name = f"episode {getattr(episode, 'episode_id', '?')!r}"
+    for attribute in _REQUIRED:
+        if getattr(episode, attribute, None) is None:
+            raise ValueError(f"{name}: {attribute} is missing (None); the replay buffer needs "
+                             f"{', '.join(_REQUIRED)} set on every episode")
+    if getattr(episode, "reward", 0.0) is None:
+        raise ValueError(f"{name}: reward is missing (None); score the response before adding it")
+    for attribute in ("reward", "advantage"):
+        value = getattr(episode, attribute, 0.0)
+        try:
+            finite = not isinstance(value, (bool, str)) and math.isfinite(float(value))
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+            finite = False
+        if not finite:
+            raise ValueError(f"{name}: {attribute} must be a finite number, got {value!r}")
+    if len(episode.request_tokens) == 0:
+        raise ValueError(f"{name}: request_tokens is empty; it must hold the prompt's token ids")
+    response = len(episode.response_tokens)
+    if response == 0:
+        raise ValueError(f"{name}: response_tokens is empty; an episode needs at least one response token")
+    for attribute, may_be_empty in (("response_logprobs", True), ("ref_logprobs", False)):
+        values = getattr(episode, attribute, None)
+        try:
+            length = 0 if values is None else _length(values)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: {attribute} {e}") from None
+        if length != response and not (may_be_empty and length == 0):
+            empty = " (or none: trained as on-policy)" if may_be_empty else ""
+            raise ValueError(f"{name}: {attribute} has {length} entries but response_tokens has {response}; "
+                             f"give one logprob per response token{empty}")
+
+
+def _behaviour(episode: Any) -> Any:
+    values = getattr(episode, "response_logprobs", None)
+    return [] if values is None else values
+
+
+def check_episodes(episode: Any) -> None:
+    """``check_episode`` for ``ReplayBuffer.add``'s argument: one episode or a list of them."""
+    for item in episode if isinstance(episode, (list, tuple)) else [episode]:
+        check_episode(item)
 
 
 class EpisodeBuffer:
@@ -67,6 +136,7 @@ class EpisodeBuffer:
         self._unwritten_ids: list[str] = []  # an old checkpoint's id list, until the file is named
 
     def add(self, episode: Any) -> None:
+        check_episode(episode)
         self.episodes.append(episode)
         self.uses[id(episode)] = 0
         if self.max_buffer_size and len(self.episodes) > self.max_buffer_size:
@@ -86,6 +156,7 @@ class EpisodeBuffer:
 
     def sample(self, curr_policy_version: int, batch_size: int | None = None) -> Any:
         self.evict(curr_policy_version)
+        self._refuse_stale_without_logprobs(curr_policy_version)
         size = batch_size or self.batch_size
         if size % self.dp_size:
             raise ValueError(f"batch_size={size} must be divisible by dp_size={self.dp_size}")
@@ -106,6 +177,27 @@ class EpisodeBuffer:
         share = size // self.dp_size
         parts = [self._collate(chosen[r * share:(r + 1) * share]) for r in range(self.dp_size)]
         return [p[0] for p in parts], [p[1] for p in parts]
+
+    def _refuse_stale_without_logprobs(self, curr_policy_version: int) -> None:
+        """Drop episodes that have no behaviour logprobs and were generated by another policy
+        version, and raise: the trainer could only train them as on-policy, which they are not."""
+        stale = [e for e in self.episodes
+                 if len(_behaviour(e)) == 0 and e.policy_version != curr_policy_version]
+        if not stale:
+            return
+        dropped = {id(e) for e in stale}
+        self.episodes = [e for e in self.episodes if id(e) not in dropped]
+        for key in dropped:
+            self.uses.pop(key, None)
+        self.num_evicted += len(stale)
+        names = ", ".join(f"{getattr(e, 'episode_id', '?')!r} (version {e.policy_version})" for e in stale[:3])
+        more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+        raise ValueError(
+            f"episode(s) {names}{more} have no response_logprobs and were not generated by the current policy "
+            f"version {curr_policy_version}: without the generator's logprobs they can only be trained "
+            "on-policy, so they were dropped. Set episode.response_logprobs = completion.logprobs.tolist() "
+            "to train episodes off-policy."
+        )
 
     def _record_ids(self, ids: list[str]) -> None:
         """Count the ids, keep the latest, and append them all to the file (flushed on
@@ -147,8 +239,8 @@ class EpisodeBuffer:
     @staticmethod
     def _collate(episodes: list[Any]) -> Any:
         return collate([e.request_tokens for e in episodes], [e.response_tokens for e in episodes],
-                       [e.response_logprobs for e in episodes], [e.ref_logprobs for e in episodes],
-                       [e.advantage for e in episodes], episodes[0].pad_id)
+                       [_behaviour(e) for e in episodes], [e.ref_logprobs for e in episodes],
+                       [float(e.advantage) for e in episodes], episodes[0].pad_id)
 
     def clear(self) -> None:
         self.episodes.clear()
@@ -199,8 +291,11 @@ class ReplayBuffer(ForgeActor):
         EpisodeBuffer(*args, **kwargs)
 
     @endpoint
+    @checked_in_caller(check_episodes)
     async def add(self, episode: Any) -> None:
-        """Add one episode, or a list of them (a whole group in one message)."""
+        """Add one episode, or a list of them (a whole group in one message); a malformed one
+        is refused with a ``ValueError`` (see the module docstring)."""
+        check_episodes(episode)  # all of a list, before any of it is added
         for item in episode if isinstance(episode, (list, tuple)) else [episode]:
             self.buffer.add(item)
 

@@ -7,6 +7,7 @@
         loss={"normalization": "grpo", "beta": 0.04},
     )
     loss = await trainer.train_step.call(inputs, targets)      # every rank takes its share
+    loss = await trainer.train_step.call_one(batch)            # one process: (inputs, targets) as one
     await trainer.push_weights.call(policy_version=1)        # then policy.update_weights
 
 With ``procs > 1`` the ranks form a ``torch.distributed`` group (gloo on CPU, NCCL on
@@ -14,11 +15,17 @@ GPU) and the model is sharded with FSDP2 (``fully_shard`` per decoder layer and 
 root). ``train_step`` receives the global batch on every rank and each rank trains on
 its contiguous share, so the loss and the updated weights equal one process's on the
 same global batch (within fp32 tolerance).
+
+Rows without behaviour logprobs (episodes added without ``response_logprobs``) are
+trained as on-policy: their behaviour logprobs are the trainer's own, detached, so the
+importance ratio is 1. Their tokens are counted in the ``behaviour_fallback_tokens``
+metric and the first such step logs a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -37,6 +44,8 @@ from forge.data.batch import TrainInputs, TrainTargets
 from forge.engine.config import _from_mapping
 from forge.losses import LossConfig, grpo_loss, sequence_logprobs
 from forge.weights import WeightStore
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 
@@ -176,9 +185,17 @@ class RLTrainer(ForgeActor):
         return float(t.item())
 
     @endpoint
-    async def train_step(self, inputs: TrainInputs | list, targets: TrainTargets | list) -> float:
-        """One optimizer step on this rank's share of the batch; returns the global loss."""
+    async def train_step(self, inputs: Any, targets: Any = None) -> float:
+        """One optimizer step on this rank's share of the batch; returns the global loss.
+
+        Takes ``(inputs, targets)`` as two arguments or as the one tuple
+        ``ReplayBuffer.sample`` returns."""
         started = time.monotonic()
+        if targets is None:
+            if not (isinstance(inputs, (tuple, list)) and len(inputs) == 2):
+                raise ValueError("train_step takes (inputs, targets), as two arguments or as the one tuple "
+                                 f"ReplayBuffer.sample returns; got a single {type(inputs).__name__}")
+            inputs, targets = inputs
         local_in, local_tg = self._share(inputs, targets)
         tokens = local_in.tokens
         if tokens.shape[1] > self.training.seq_len:
@@ -192,10 +209,12 @@ class RLTrainer(ForgeActor):
             normalizer = self._global(float(tokens.shape[0])) / self.world_size
         logits = self.model(input_ids=tokens.to(device), attention_mask=local_in.attention_mask.to(device)).logits
         logp = sequence_logprobs(logits, tokens.to(device), cfg.temperature)  # [B, L]
+        behaviour, fallback_tokens = self._behaviour_logprobs(local_tg, logp, mask)
         loss, metrics = grpo_loss(
-            logp, local_tg.behaviour_logprobs.to(device), local_tg.ref_logprobs.to(device),
+            logp, behaviour, local_tg.ref_logprobs.to(device),
             local_tg.advantages.to(device), mask, cfg, token_normalizer=normalizer,
         )
+        metrics["behaviour_fallback_tokens"] = self._global(fallback_tokens)
         loss.backward()
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.training.max_norm)
@@ -220,6 +239,22 @@ class RLTrainer(ForgeActor):
         if self.checkpointing.interval and self.state.step % self.checkpointing.interval == 0:
             self._save_checkpoint()
         return global_loss
+
+    def _behaviour_logprobs(self, targets: TrainTargets, logp: torch.Tensor,
+                            mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The behaviour logprobs, with the trainer's own (detached) in rows that have none;
+        and how many response tokens took them."""
+        behaviour = targets.behaviour_logprobs.to(logp.device)
+        missing = targets.missing_behaviour().to(logp.device)
+        if not bool(missing.any()):
+            return behaviour, 0.0
+        tokens = float((mask * missing[:, None]).sum())
+        if not getattr(self, "_warned_fallback", False):
+            self._warned_fallback = True
+            logger.warning("train_step: %d episode(s) came without behaviour logprobs; they are trained as "
+                           "on-policy (ratio 1). Metric behaviour_fallback_tokens counts their tokens.",
+                           int(missing.sum()))
+        return torch.where(missing[:, None], logp.detach(), behaviour), tokens
 
     @endpoint
     async def metrics(self) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Forge's controller layer: ``ForgeActor`` (actors and services), host pools, routers and errors."""
 
 from forge.controller.actor import ForgeActor, actor_alive, replay_on_rebuild
+from forge.controller.actor_mesh import ForgeActorMesh, checked_in_caller
 from forge.controller.drain import drain_metrics
 from forge.controller.errors import (
     EndpointError,
@@ -23,6 +24,8 @@ __all__ = [
     "ForgeActor",
     "actor_alive",
     "replay_on_rebuild",
+    "checked_in_caller",
+    "ForgeActorMesh",
     "drain_metrics",
     "HostsConfig",
     "HostPool",

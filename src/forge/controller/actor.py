@@ -1,9 +1,12 @@
 """``ForgeActor``: a Monarch ``Actor`` that can be spawned as one actor or as a service.
 
-``Cls.options(...)`` returns a configured subclass (the original class is untouched);
-``as_actor`` spawns one ProcMesh with the actor on it and returns Monarch's ActorMesh
-(``call_one``, ``choose``, ``call``, ``broadcast``, ``stream``); ``as_service`` spawns a
-service controller that owns ``num_replicas`` replicas and returns a ``ServiceHandle``.
+``Cls.options(...)`` returns a configured subclass (the original class is untouched) whose
+``procs``, ``num_replicas``, ``with_gpus``, ``hosts`` and ``host_group`` attributes show the
+placement; ``Cls.as_actor()`` / ``Cls.as_service()`` work on the class itself with the
+defaults. ``as_actor`` spawns one ProcMesh with the actor on it and returns a
+``ForgeActorMesh`` — Monarch's ActorMesh (``call_one``, ``choose``, ``call``,
+``broadcast``, ``stream``) plus ``route()`` on a one-process actor; ``as_service`` spawns
+a service controller that owns ``num_replicas`` replicas and returns a ``ServiceHandle``.
 
 Two adaptations happen when a subclass is defined:
 
@@ -31,6 +34,7 @@ from typing import Any, ClassVar
 from monarch._src.actor.endpoint import EndpointProperty
 from monarch.actor import Actor, endpoint, this_host
 
+from forge.controller.actor_mesh import ForgeActorMesh, caller_check
 from forge.controller.errors import ForgeUsageError, ReplicaFailed
 from forge.controller.hosts import (
     current_pool,
@@ -156,12 +160,21 @@ def _current_controller(actor: Any, update: Any) -> Any:
     return getattr(actor, "_forge_current_controller", None)
 
 
+_PLACEMENT_ATTRIBUTES = ("procs", "num_replicas", "with_gpus", "hosts", "host_group")
+
+
 class ForgeActor(Actor):
     """Base class of Forge actors and services. See the module docstring."""
 
-    _forge_placement: ClassVar[PlacementOptions] = PlacementOptions()
-    _forge_service_options: ClassVar[ServiceOptions] = ServiceOptions()
+    _forge_placement: ClassVar[PlacementOptions]
+    _forge_service_options: ClassVar[ServiceOptions]
     _forge_base: ClassVar[type | None] = None
+    # The placement, readable as attributes (set by options(); these are the defaults).
+    procs: ClassVar[int] = 1
+    num_replicas: ClassVar[int] = 1
+    with_gpus: ClassVar[bool] = False
+    hosts: ClassVar[int | None] = None
+    host_group: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -192,6 +205,9 @@ class ForgeActor(Actor):
                  **service_options),
         )
         base = cls._forge_base or cls
+        own = base.__mro__[: base.__mro__.index(ForgeActor)]  # a subclass's own attribute of these names wins
+        shown = {name: getattr(placement, name) for name in _PLACEMENT_ATTRIBUTES
+                 if not any(name in vars(k) for k in own)}
         return type(
             base.__name__,
             (base,),
@@ -202,6 +218,7 @@ class ForgeActor(Actor):
                 "__module__": base.__module__,
                 "__qualname__": base.__qualname__,
                 "__doc__": base.__doc__,
+                **shown,
             },
         )
 
@@ -253,7 +270,7 @@ class ForgeActor(Actor):
 
     @classmethod
     async def as_actor(cls, *args: Any, **kwargs: Any) -> Any:
-        """Spawn ``procs`` processes with one actor each; returns the Monarch ActorMesh.
+        """Spawn ``procs`` processes with one actor each; returns a ``ForgeActorMesh``.
 
         The ``setup`` endpoint, if the class has one, is awaited on every rank first.
         Stop it with ``await Cls.shutdown(actor)``.
@@ -279,7 +296,7 @@ class ForgeActor(Actor):
                 res.proc_mesh = spawn_proc_mesh(
                     this_host(), placement.procs, rank_env(placement.procs, res.gpus), name=name
                 )
-            actors = res.proc_mesh.spawn(name, base, *args, **kwargs)
+            actors = ForgeActorMesh.wrap(res.proc_mesh.spawn(name, base, *args, **kwargs))
             res.pids = await _start_actor(actors, base, cls._forge_service_options.spawn_timeout_s)
         except BaseException:
             await res.release()
@@ -340,9 +357,10 @@ class ForgeActor(Actor):
             if type(e).__name__ == "ActorError" and getattr(e, "exception", None) is not None:
                 raise e.exception from None
             raise
+        checks = {n: check for n, prop in _endpoints_of(base).items() if (check := caller_check(prop))}
         handle = ServiceHandle(
             name, service_id, endpoints, placement, options, controller, membership, owner,
-            replayed=_replayed_endpoints(base),
+            replayed=_replayed_endpoints(base), checks=checks,
         )
         handle._client().watch_as_owner(owner)  # replaces the controller if it dies
         if request is not None:  # the pool's shutdown stops it first, if the user has not
@@ -365,6 +383,10 @@ class ForgeActor(Actor):
                 "spawned with as_actor() (or it was shut down already)"
             )
         await resources.release(graceful=True)
+
+
+# The options of a class used without options(): Cls.as_service() is Cls.options().as_service().
+ForgeActor._forge_placement, ForgeActor._forge_service_options = parse_options(PlacementOptions(), ServiceOptions(), {})
 
 
 async def _start_actor(actors: Any, base: type, timeout_s: float) -> tuple[int, ...]:

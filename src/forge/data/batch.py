@@ -4,6 +4,10 @@ Layout: each row is one episode, ``tokens = prompt + response`` right-padded to 
 batch's longest row. Per-token arrays are aligned with ``tokens``: position ``t`` holds
 the value for ``tokens[t]`` (its logprob given ``tokens[<t]``). ``response_mask`` is 1
 exactly on response tokens, so prompt and padding never contribute to the loss.
+
+An episode given without behaviour logprobs (an empty list) has
+``has_behaviour[i] = False`` and zeros in its row: the trainer treats it as on-policy,
+using its own detached logprobs there (ratio 1).
 """
 
 from __future__ import annotations
@@ -28,16 +32,24 @@ class TrainTargets:
     advantages: torch.Tensor  # [B] float
     behaviour_logprobs: torch.Tensor  # [B, L] float, generator's logprobs (0 off the response)
     ref_logprobs: torch.Tensor  # [B, L] float, reference model's logprobs (0 off the response)
+    has_behaviour: torch.Tensor | None = None  # [B] bool, False where none were given; None: all given
 
     def select(self, rows: slice) -> "TrainTargets":
-        return TrainTargets(self.response_mask[rows], self.advantages[rows],
-                            self.behaviour_logprobs[rows], self.ref_logprobs[rows])
+        return TrainTargets(self.response_mask[rows], self.advantages[rows], self.behaviour_logprobs[rows],
+                            self.ref_logprobs[rows],
+                            None if self.has_behaviour is None else self.has_behaviour[rows])
+
+    def missing_behaviour(self) -> torch.Tensor:
+        """[B] bool: rows to be trained as on-policy (no behaviour logprobs were given)."""
+        if self.has_behaviour is None:
+            return torch.zeros(self.advantages.shape[0], dtype=torch.bool)
+        return ~self.has_behaviour
 
 
 def collate(
     prompts: list[list[int]],
     responses: list[list[int]],
-    behaviour_logprobs: list[list[float]],
+    behaviour_logprobs: list[list[float]],  # an empty one: none given (trained as on-policy)
     ref_logprobs: list[list[float]],
     advantages: list[float],
     pad_id: int,
@@ -50,12 +62,15 @@ def collate(
     mask = torch.zeros(batch, width)
     behaviour = torch.zeros(batch, width)
     ref = torch.zeros(batch, width)
+    has_behaviour = torch.tensor([len(b) > 0 for b in behaviour_logprobs], dtype=torch.bool)
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         start, end = len(prompt), len(prompt) + len(response)
-        tokens[i, :end] = torch.tensor(prompt + response, dtype=torch.long)
+        tokens[i, :end] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
         attention[i, :end] = 1
         mask[i, start:end] = 1
-        behaviour[i, start:end] = torch.tensor(behaviour_logprobs[i], dtype=torch.float32)
-        ref[i, start:end] = torch.tensor(ref_logprobs[i], dtype=torch.float32)
+        if has_behaviour[i]:
+            behaviour[i, start:end] = torch.as_tensor(behaviour_logprobs[i], dtype=torch.float32)
+        ref[i, start:end] = torch.as_tensor(ref_logprobs[i], dtype=torch.float32)
     return (TrainInputs(tokens, attention),
-            TrainTargets(mask, torch.tensor(advantages, dtype=torch.float32), behaviour, ref))
+            TrainTargets(mask, torch.tensor(advantages, dtype=torch.float32), behaviour, ref,
+                         None if bool(has_behaviour.all()) else has_behaviour))

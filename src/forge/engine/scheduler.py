@@ -4,6 +4,10 @@ The KV cache has ``num_slots`` fixed slots of ``max_model_len`` positions (sized
 from the config, never grown per token). A request of ``n`` samples takes ``n`` slots
 when admitted and gives each back the moment that sample finishes, so requests join
 and leave the running batch at every decode step.
+
+As in vLLM, a sequence ends with ``"length"`` at ``max_tokens`` new tokens or when prompt
+plus completion fill ``max_model_len``, whichever comes first; only a prompt that leaves
+no room for one new token is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 from forge.engine.config import SamplingParams
 
 FINISH_STOP = "stop"  # EOS or a stop token was sampled
-FINISH_LENGTH = "length"  # max_tokens reached
+FINISH_LENGTH = "length"  # max_tokens reached, or max_model_len filled
 FINISH_ABORT = "abort"  # the caller went away
 
 
@@ -73,11 +77,10 @@ class Scheduler:
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         if not prompt_ids:
             raise ValueError("the prompt is empty: it must have at least one token")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+        if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens + max_tokens={params.max_tokens} exceeds the "
-                f"engine's max_model_len={self.max_model_len}; shorten the prompt, lower max_tokens "
-                "or raise engine_config max_model_len"
+                f"prompt of {len(prompt_ids)} tokens leaves no room for a new token in the engine's "
+                f"max_model_len={self.max_model_len}; shorten the prompt or raise engine_config max_model_len"
             )
         if params.n > self.num_slots:
             raise ValueError(
@@ -107,7 +110,8 @@ class Scheduler:
         params = sequence.request.params
         if (not params.ignore_eos and token_id in self.eos_token_ids) or token_id in params.stop_token_ids:
             self._finish(sequence, FINISH_STOP)
-        elif len(sequence.token_ids) >= params.max_tokens:
+        elif (len(sequence.token_ids) >= params.max_tokens
+              or len(sequence.request.prompt_ids) + len(sequence.token_ids) >= self.max_model_len):
             self._finish(sequence, FINISH_LENGTH)
 
     def abort(self, request: Request) -> None:

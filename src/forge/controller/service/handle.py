@@ -44,17 +44,25 @@ class ServiceEndpoint:
         self._service = service
         self._name = name
 
+    def _checked(self, args: tuple, kwargs: dict) -> None:
+        check = self._service._checks.get(self._name)
+        if check is not None:  # @checked_in_caller: bad arguments raise here, before sending
+            check(*args, **kwargs)
+
     async def route(self, *args: Any, **kwargs: Any) -> Any:
         """Run on one healthy replica (router's choice, or the session's replica)."""
+        self._checked(args, kwargs)
         return await self._service._client().route(self._name, args, kwargs)
 
     async def fanout(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Run on every healthy replica; a list of results in replica order."""
+        self._checked(args, kwargs)
         return await self._service._client().fanout(self._name, args, kwargs)
 
     async def rolling(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Like ``fanout`` but one replica at a time, each taken out of routing while it
         runs the call, so ``route()`` keeps being served (e.g. a rolling weight update)."""
+        self._checked(args, kwargs)
         return await self._service._client().rolling(self._name, args, kwargs)
 
     async def call_one(self, *args: Any, **kwargs: Any) -> Any:
@@ -113,6 +121,7 @@ class ServiceHandle:
         membership: Membership,
         owner: Any = None,
         replayed: tuple[str, ...] = (),
+        checks: dict[str, Any] | None = None,
     ) -> None:
         self._name = name
         self._service_id = service_id
@@ -123,6 +132,7 @@ class ServiceHandle:
         self._membership = membership
         self._owner = owner  # only in the creating process: stops the controller's processes
         self._replayed = replayed  # endpoints marked @replay_on_rebuild
+        self._checks = dict(checks or {})  # endpoint -> its @checked_in_caller function
         self._endpoints: dict[str, ServiceEndpoint] = {}
 
     def __getattr__(self, name: str) -> ServiceEndpoint:
@@ -153,7 +163,7 @@ class ServiceHandle:
         return (
             ServiceHandle,
             (self._name, self._service_id, self._endpoint_names, self._placement, self._options,
-             controller, membership, None, self._replayed),
+             controller, membership, None, self._replayed, self._checks),
         )
 
     def _client(self) -> ServiceClient:
