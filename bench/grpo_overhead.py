@@ -25,9 +25,8 @@ from apps.grpo.main import DEFAULT_CONFIG, run
 from forge.data.batch import collate
 from forge.data.datasets import ArithmeticTask, PromptSource
 from forge.data.rewards import MathReward
-from forge.engine.config import EngineConfig, SamplingParams
 from forge.engine.native import NativeEngine
-from forge.losses import LossConfig, grpo_loss, sequence_logprobs
+from forge.losses import grpo_loss, sequence_logprobs
 from forge.models import load_model, load_tokenizer
 from forge.util.config import load_config
 
@@ -41,11 +40,11 @@ def single_process(cfg: GRPOConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     policy, reference, generator = load_model(cfg.model), load_model(cfg.model), load_model(cfg.model)
     reference.requires_grad_(False)
-    engine = NativeEngine(generator, (tokenizer.eos_token_id,), EngineConfig(**cfg.engine_config()))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.trainer.optimizer["lr"])
-    loss_config = LossConfig(**cfg.trainer.loss)
+    engine = NativeEngine(generator, (tokenizer.eos_token_id,), cfg.engine_config())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.trainer.optimizer.lr)
+    loss_config = cfg.trainer.loss
     source = PromptSource(ArithmeticTask().rows(), seed=cfg.run.seed)
-    sampling = SamplingParams.parse(cfg.sampling_config())
+    sampling = cfg.sampling_config()
     reward_fn = MathReward()
     groups_per_step = cfg.replay_buffer.batch_size // cfg.group_size
     window, started, reached = [], time.monotonic(), None

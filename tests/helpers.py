@@ -1,10 +1,12 @@
-"""Helpers for actor tests: finding Monarch processes a test left behind."""
+"""Helpers for actor tests: finding Monarch processes a test left behind (via forge.util.procs)."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+
+from forge.util.procs import descendants, pid_alive, processes_with_env
 
 BOOTSTRAP = b"monarch._src.actor.bootstrap_main"
 
@@ -16,48 +18,23 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _ppid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
+def _is_monarch(pid: int) -> bool:
+    return BOOTSTRAP in _cmdline(pid) and pid_alive(pid)
 
 
-def _is_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _live_monarch_pids():
-    """Pids of live (not zombie) Monarch worker processes on this machine."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            pid = int(entry.name)
-            if BOOTSTRAP in _cmdline(pid) and _is_alive(pid):
-                yield pid
+def procs_with_env(key: str, value: str) -> list[int]:
+    """Live processes of any kind (Monarch procs, host workers, clients) whose environment has ``key=value``."""
+    return processes_with_env(key, value)
 
 
 def monarch_procs_with_env(key: str, value: str) -> list[int]:
     """Live Monarch worker processes whose environment has ``key=value``."""
-    return [pid for pid in procs_with_env(key, value) if BOOTSTRAP in _cmdline(pid)]
+    return [pid for pid in processes_with_env(key, value) if _is_monarch(pid)]
 
 
 def monarch_descendants(root: int | None = None) -> list[int]:
     """Live Monarch worker processes below ``root`` (default: this process)."""
-    root = os.getpid() if root is None else root
-    found = []
-    for pid in _live_monarch_pids():
-        parent = _ppid(pid)
-        while parent not in (None, 0, 1):
-            if parent == root:
-                found.append(pid)
-                break
-            parent = _ppid(parent)
-    return found
+    return [pid for pid in descendants(os.getpid() if root is None else root) if _is_monarch(pid)]
 
 
 def wait_until(condition, timeout_s: float, interval_s: float = 0.05) -> bool:
@@ -83,18 +60,3 @@ async def async_wait_until(condition, timeout_s: float, interval_s: float = 0.05
         if value or time.monotonic() > deadline:
             return bool(value)
         await asyncio.sleep(interval_s)
-
-
-def procs_with_env(key: str, value: str) -> list[int]:
-    """Live processes of any kind (Monarch procs, host workers, clients) whose environment has ``key=value``."""
-    needle = f"{key}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                env = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if needle in env and _is_alive(int(entry.name)):
-                found.append(int(entry.name))
-    return found

@@ -1,17 +1,23 @@
-"""The GRPO application's configuration: typed, validated before anything is spawned."""
+"""The GRPO application's configuration: typed, validated before anything is spawned.
+
+The job config nests each component's own config dataclass — ``EngineConfig`` and
+``SamplingParams`` (forge.engine), the trainer's ``OptimizerConfig``, ``TrainingConfig``,
+``LRSchedulerConfig`` (forge.actors.trainer), ``LossConfig`` (forge.losses),
+``HostsConfig`` (forge.controller) — so one parser (``forge.util.config``) checks every
+value at load and names its dotted path (``config.trainer.optimizer: optimizer lr must
+be a number > 0, got -1``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
+from forge.actors.trainer import LRSchedulerConfig, OptimizerConfig, TrainingConfig
+from forge.controller import HostsConfig
 from forge.engine.config import EngineConfig, SamplingParams
 from forge.losses import LossConfig
-
-
-def _positive(where: str, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{where} must be > 0, got {value}")
+from forge.util.checks import check_choice, check_int, check_positive, check_seconds
 
 
 @dataclass
@@ -33,14 +39,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "reward_window", "log_every", "rollout_tasks", "keep_checkpoints"):
-            _positive(f"run.{name}", getattr(self, name))
-        _positive("run.max_time_s", self.max_time_s)
+            check_int(f"run.{name}", getattr(self, name), 1)
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            check_int(f"run.{name}", getattr(self, name), 0)
+        check_seconds("run.max_time_s", self.max_time_s)
         if self.stall_timeout_s is not None:
-            _positive("run.stall_timeout_s", self.stall_timeout_s)
-        if self.weight_update not in ("fanout", "rolling"):
-            raise ValueError(f"run.weight_update must be 'fanout' or 'rolling', got {self.weight_update!r}")
-        if self.eval_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("run.eval_every and run.checkpoint_every must be >= 0")
+            check_seconds("run.stall_timeout_s", self.stall_timeout_s)
+        if self.target_reward is not None:
+            check_positive("run.target_reward", self.target_reward)
+        check_choice("run.weight_update", self.weight_update, ("fanout", "rolling"))
 
 
 @dataclass
@@ -56,19 +63,24 @@ class DataConfig:
     max_operand: int = 9  # arithmetic task
     max_sum: int = 9
 
+    def __post_init__(self) -> None:
+        check_int("data.eval_size", self.eval_size, 1)
+        check_int("data.max_operand", self.max_operand, 1)
+        check_int("data.max_sum", self.max_sum, 1)
+
 
 @dataclass
 class PolicyConfig:
     num_replicas: int = 1
     procs: int = 1
     with_gpus: bool = False
-    engine: dict = field(default_factory=dict)
-    sampling: dict = field(default_factory=lambda: {"max_tokens": 3, "temperature": 1.0, "top_p": 1.0})
+    engine: EngineConfig = field(default_factory=EngineConfig)  # its model: the top-level model
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=3))
 
     def __post_init__(self) -> None:
-        EngineConfig.parse(self.engine)
-        sampling = SamplingParams.parse(self.sampling)
-        if sampling.n != 1 and "n" in self.sampling:
+        check_int("policy.num_replicas", self.num_replicas, 1)
+        check_int("policy.procs", self.procs, 1)
+        if self.sampling.n != 1:
             raise ValueError("policy.sampling.n is set by group_size; leave it out")
 
 
@@ -77,13 +89,14 @@ class TrainerConfig:
     procs: int = 1  # data-parallel ranks per host
     hosts: int = 1  # hosts the trainer spans (> 1 needs placement.trainer); ranks = procs * hosts
     with_gpus: bool = False
-    optimizer: dict = field(default_factory=lambda: {"name": "AdamW", "lr": 3e-3})
-    training: dict = field(default_factory=lambda: {"local_batch_size": 128, "seq_len": 64, "max_norm": 1.0})
-    loss: dict = field(default_factory=lambda: {"normalization": "grpo", "beta": 0.04})
-    lr_scheduler: dict = field(default_factory=dict)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=3e-3))
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(local_batch_size=128, seq_len=64))
+    loss: LossConfig = field(default_factory=LossConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
 
     def __post_init__(self) -> None:
-        LossConfig(**self.loss)
+        check_int("trainer.procs", self.procs, 1)
+        check_int("trainer.hosts", self.hosts, 1)
 
     @property
     def num_ranks(self) -> int:
@@ -96,6 +109,12 @@ class BufferConfig:
     max_policy_age: int = 1
     max_buffer_size: int = 0
     max_resample: int = 1
+
+    def __post_init__(self) -> None:
+        check_int("replay_buffer.batch_size", self.batch_size, 1)
+        check_int("replay_buffer.max_policy_age", self.max_policy_age, 0)
+        check_int("replay_buffer.max_buffer_size", self.max_buffer_size, 0)
+        check_int("replay_buffer.max_resample", self.max_resample, 1)
 
 
 @dataclass
@@ -110,6 +129,7 @@ class RewardConfig:
             raise ValueError(f"reward.functions must be a non-empty list of 'math', 'thinking'; got {self.functions}")
         if self.weights is not None and len(self.weights) != len(self.functions):
             raise ValueError("reward.weights must have one weight per reward function")
+        check_int("reward.num_replicas", self.num_replicas, 1)
 
 
 # The parts of the GRPO app, as ``placement:`` names them.
@@ -129,15 +149,19 @@ class GRPOConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ref_model_replicas: int = 1
     # Several hosts (README "Several hosts"): a host pool, and which group each part runs on.
-    hosts: dict[str, Any] | None = None  # forge.controller.HostsConfig, e.g. {source: process_job, groups: {gen: 1}}
+    hosts: HostsConfig | None = None  # e.g. {source: process_job, groups: {gen: 1}}
     placement: dict[str, str] = field(default_factory=dict)  # part -> host group, e.g. {policy: gen, trainer: train}
     metrics: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard", "wandb"])
 
     def __post_init__(self) -> None:
-        if self.group_size < 2:
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (GRPO compares samples of one prompt), got {self.group_size}")
-        if self.trainer.hosts < 1:
-            raise ValueError(f"trainer.hosts must be >= 1, got {self.trainer.hosts}")
+        check_int("ref_model_replicas", self.ref_model_replicas, 1)
+        engine_model = self.policy.engine.model
+        if engine_model not in (EngineConfig.model, self.model):
+            raise ValueError(f"policy.engine.model={engine_model!r} differs from model={self.model!r}; "
+                             "set the model once, with model=")
+        self.policy.engine = dataclasses.replace(self.policy.engine, model=self.model)
         if self.replay_buffer.batch_size % self.trainer.num_ranks:
             raise ValueError(
                 f"replay_buffer.batch_size={self.replay_buffer.batch_size} must be divisible by trainer.procs * "
@@ -148,8 +172,6 @@ class GRPOConfig:
             raise ValueError(f"metrics: unknown backend(s) {unknown}; use console, jsonl, tensorboard, wandb")
 
     def _validate_placement(self) -> None:
-        from forge.controller import HostsConfig
-
         unknown = sorted(set(self.placement) - set(PARTS))
         if unknown:
             raise ValueError(f"placement: unknown part(s) {unknown}; parts are {list(PARTS)}")
@@ -168,13 +190,13 @@ class GRPOConfig:
             raise ValueError(f"trainer.hosts={self.trainer.hosts} but group {trainer_group!r} has "
                              f"{sizes[trainer_group]} host(s)")
 
-    def engine_config(self) -> dict[str, Any]:
-        return {"model": self.model, **self.policy.engine}
+    def engine_config(self) -> EngineConfig:
+        return self.policy.engine
 
-    def sampling_config(self) -> dict[str, Any]:
-        return {**self.policy.sampling, "n": self.group_size}
+    def sampling_config(self) -> SamplingParams:
+        return dataclasses.replace(self.policy.sampling, n=self.group_size)
 
-    def model_spec(self) -> dict[str, Any]:
+    def model_spec(self) -> dict[str, str]:
         from forge.models import PRESETS
 
         if self.model in PRESETS:

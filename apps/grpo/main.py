@@ -56,9 +56,17 @@ from apps.grpo.config import GRPOConfig
 from forge.actors.policy import Policy
 from forge.actors.reference_model import ReferenceModel
 from forge.actors.replay_buffer import ReplayBuffer, write_sampled_ids_json
-from forge.actors.trainer import RLTrainer, save_atomically
-from forge.controller import HostRegistryLost, actor_alive, current_pool, drain_metrics, init_hosts
-from forge.controller.service.client import is_infrastructure_error
+from forge.actors.trainer import RLTrainer, prune_checkpoints, save_atomically
+from forge.controller import (
+    ForgeActor,
+    HostRegistryLost,
+    actor_alive,
+    actor_pids,
+    current_pool,
+    drain_metrics,
+    init_hosts,
+    is_infrastructure_error,
+)
 from forge.data.rewards import MathReward
 from forge.observability import drain_local_metrics, merge_metrics, record_metric
 from forge.observability.logger import RunLogger, plot_curves
@@ -144,10 +152,7 @@ async def stop_services(services: Services | None) -> None:
 
 async def _stop_parts(parts: list[Any]) -> None:
     """Shut services and actors down concurrently, each bounded; failures are logged."""
-    from forge.controller import ForgeActor
-    from forge.controller.service.handle import ServiceHandle
-
-    stops = [p.shutdown() if isinstance(p, ServiceHandle) else ForgeActor.shutdown(p) for p in parts]
+    stops = [ForgeActor.shutdown(p) for p in parts]  # a service handle or an actor
     results = await asyncio.gather(*(asyncio.wait_for(s, 15) for s in stops), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
@@ -157,14 +162,18 @@ async def _stop_parts(parts: list[Any]) -> None:
 class GRPORun:
     """State and tasks of one run (see the module docstring)."""
 
-    def __init__(self, cfg: GRPOConfig, run_dir: Path, services: Services) -> None:
+    def __init__(self, cfg: GRPOConfig, run_dir: Path, services: Services, pad_id: int,
+                 eval_rows: list[dict[str, Any]]) -> None:
         self.cfg, self.run_dir, self.s = cfg, run_dir, services
+        self.pad_id = pad_id  # the tokenizer's, for padding a group's responses
+        self.eval_rows = eval_rows  # held-out prompts for evaluation (empty: no evaluation)
         self.version = 0
         self.step = 0
         self.rewards = RewardWindow(cfg.run.reward_window)  # last per-step mean rewards, for the stop criterion
         self.gate = asyncio.Event()  # set: rollouts may start new groups
         self.gate.set()
-        self.in_flight = 0
+        self.in_flight = 0  # groups being made now
+        self.landed = asyncio.Event()  # set whenever in_flight drops to 0
         self.stopping = False
         self.groups_made = 0
         self.tokens_generated = 0
@@ -192,7 +201,7 @@ class GRPORun:
                     prompt=sample["question"], responses=[c.text for c in completions], target=sample["target"])
                 prompt_ids = completions[0].prompt_ids
                 width = max(len(c.token_ids) for c in completions)
-                pad_id = int(getattr(self, "pad_id", 0))
+                pad_id = self.pad_id
                 rows = [torch.cat([prompt_ids, torch.nn.functional.pad(c.token_ids, (0, width - len(c.token_ids)),
                                                                       value=pad_id)]) for c in completions]
                 ref_logprobs = await s.ref_model.forward.route(torch.stack(rows), max_req_tokens=len(prompt_ids),
@@ -218,6 +227,8 @@ class GRPORun:
                 self.progress[f"rollout loop {index}"] = time.monotonic()
             finally:
                 self.in_flight -= 1
+                if not self.in_flight:
+                    self.landed.set()
 
     # ---- training ----------------------------------------------------------------
 
@@ -306,12 +317,22 @@ class GRPORun:
 
     # ---- checkpoints ---------------------------------------------------------------
 
-    async def quiesce(self) -> None:
-        """Stop rollouts from starting groups and wait for the ones in flight to land."""
+    async def quiesce(self, timeout_s: float = 120.0) -> None:
+        """Stop rollouts from starting groups and wait for the ones in flight to land; a
+        group still in flight after ``timeout_s`` is an error (a checkpoint taken then would
+        miss it)."""
         self.gate.clear()
-        deadline = time.monotonic() + 120
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+
+        async def all_landed() -> None:
+            while self.in_flight:
+                self.landed.clear()
+                await self.landed.wait()
+
+        try:
+            await asyncio.wait_for(all_landed(), timeout_s)
+        except asyncio.TimeoutError:
+            raise RunStalled(f"{self.in_flight} rollout group(s) were still in flight {timeout_s:.0f} s after "
+                             "a checkpoint stopped new ones") from None
 
     async def checkpoint(self) -> None:
         await self.quiesce()
@@ -326,9 +347,8 @@ class GRPORun:
                 "trainer": str(trainer_path.name),
             }
             save_atomically(state, folder / f"app-{self.step:08d}.pt")
-            for pattern in ("app-*.pt", "trainer-*.pt"):
-                for old in sorted(folder.glob(pattern))[:-self.cfg.run.keep_checkpoints]:
-                    old.unlink()
+            for prefix in ("app", "trainer"):
+                prune_checkpoints(folder, self.cfg.run.keep_checkpoints, prefix)
         finally:
             self.gate.set()
 
@@ -352,8 +372,7 @@ class GRPORun:
     async def watchdog(self) -> None:
         pids = {}
         for name, actor in self.s.singletons().items():
-            for _, pid in (await asyncio.wait_for(actor._forge_ping.call(), 60)).items():
-                pids[pid] = name
+            pids.update({pid: name for pid in actor_pids(actor)})
         for name, service in self.s.services().items():  # as started; rebuilt replicas get new pids
             stats = await service.statistics()
             pids[stats.controller_pid] = f"{name} controller"
@@ -410,71 +429,23 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     started = time.monotonic()
-    store = f"grpo-{os.getpid()}-{int(time.time())}"
-    services = None
-    pool = None
-    log = None
+    services = pool = log = None
     tasks: list[asyncio.Task] = []
     try:
         if cfg.hosts is not None:
             pool = await init_hosts(cfg.hosts)
-        services = await start_services(cfg, store)
-        grpo = GRPORun(cfg, run_dir, services)
-        from forge.models import load_tokenizer
-
-        grpo.pad_id = load_tokenizer(cfg.engine_config()["model"]).pad_token_id or 0
-        grpo.eval_rows = await services.dataloader.eval_rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else []
-        if resume:
-            await grpo.restore(run_dir)
-        else:  # the generators start from exactly the trainer's weights, version 0
-            await services.trainer.push_weights.call(policy_version=0)
-            await services.policy.update_weights.fanout(policy_version=0, source=services.trainer)
-        ids_file = run_dir / "trained_episodes.txt"  # every sampled id; cut back to the checkpoint on a resume
-        await services.replay_buffer.record_ids_to.call_one(str(ids_file))
+        services = await start_services(cfg, f"grpo-{os.getpid()}-{int(time.time())}")
+        grpo = await _prepare_run(cfg, run_dir, services, resume)
         startup_s = time.monotonic() - started
         log = RunLogger(run_dir, cfg.metrics, cfg.run.max_steps, cfg.run.log_every, first_step=grpo.step)
         log.write(f"run directory: {run_dir}  (services up in {startup_s:.1f} s)")
-        tasks = [asyncio.ensure_future(grpo.rollout_loop(i)) for i in range(cfg.run.rollout_tasks)]
-        trainer_task = asyncio.ensure_future(grpo.train_loop(log, started + cfg.run.max_time_s))
-        grpo.loops = {"training loop": trainer_task, **{f"rollout loop {i}": t for i, t in enumerate(tasks)}}
-        grpo.progress = dict.fromkeys(grpo.loops, time.monotonic())
-        watchdog = asyncio.ensure_future(grpo.watchdog())
-        tasks += [watchdog, trainer_task]
-        done, _ = await asyncio.wait([trainer_task, watchdog, *tasks[:-2]], return_when=asyncio.FIRST_COMPLETED)
-        finished = next(iter(done))
-        if finished is not trainer_task:
-            finished.result()  # raises: a rollout failed or an actor died
-            raise RuntimeError("a background task ended unexpectedly")
-        reason = trainer_task.result()
-        grpo.stopping = True
-        grpo.gate.set()
-        final_accuracy = await grpo.final_evaluation() if grpo.eval_rows else None
-        episodes_trained = await asyncio.wait_for(services.replay_buffer.num_sampled.call_one(), 60)
-        written = write_sampled_ids_json(ids_file, run_dir / "trained_episodes.json")
-        if written != episodes_trained:
-            logger.warning("%s lists %d episodes, the replay buffer sampled %d", ids_file, written, episodes_trained)
-        summary = {"reason": reason, "steps": grpo.step, "wall_s": time.monotonic() - started,
-                   "startup_s": startup_s, "final_mean_reward": grpo.rewards.mean(),
-                   "best_mean_reward": grpo.rewards.best_mean,
-                   "final_eval_accuracy": final_accuracy, "episodes_trained": episodes_trained}
-        log.close()
-        history = log.full_history()  # metrics.jsonl: every step, those before a resume too
-        log = None
-        if final_accuracy is not None:
-            history.append({"step": grpo.step, "eval/accuracy": final_accuracy})
-        summary["plot"] = str(plot_curves(history, run_dir / "curves.png", cfg.run.reward_window))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        tasks, trainer_task = _start_loops(grpo, log, started + cfg.run.max_time_s)
+        reason = await _wait_for_the_end(trainer_task, tasks)
+        summary = await _finish(grpo, log, reason, started, startup_s)
+        log = None  # closed by _finish
         return summary
     finally:
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            done, stuck = await asyncio.wait(tasks, timeout=30)
-            for task in done:
-                if not task.cancelled():
-                    task.exception()  # reported already (or by the task that ended the run)
-            for task in stuck:  # shut the services down anyway; that ends what the task waits on
-                logger.warning("a task of the run ignored cancellation for 30 s; it waits at %s", await_chain(task))
+        await _cancel(tasks)
         if log is not None:
             log.close()
         try:
@@ -482,6 +453,80 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
         finally:
             if pool is not None:
                 await pool.shutdown()
+
+
+async def _prepare_run(cfg: GRPOConfig, run_dir: Path, services: Services, resume: bool) -> GRPORun:
+    """The run's state: restored from the last checkpoint, or with the generators on version 0."""
+    from forge.models import load_tokenizer
+
+    eval_rows = await services.dataloader.eval_rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else []
+    grpo = GRPORun(cfg, run_dir, services, load_tokenizer(cfg.model).pad_token_id or 0, eval_rows)
+    if resume:
+        await grpo.restore(run_dir)
+    else:  # the generators start from exactly the trainer's weights, version 0
+        await services.trainer.push_weights.call(policy_version=0)
+        await services.policy.update_weights.fanout(policy_version=0, source=services.trainer)
+    # every sampled id; cut back to the checkpoint on a resume
+    await services.replay_buffer.record_ids_to.call_one(str(run_dir / "trained_episodes.txt"))
+    return grpo
+
+
+def _start_loops(grpo: GRPORun, log: RunLogger, deadline: float) -> tuple[list[asyncio.Task], asyncio.Task]:
+    """The rollout loops, the training loop and the watchdog; (all tasks, the training loop)."""
+    rollouts = [asyncio.ensure_future(grpo.rollout_loop(i)) for i in range(grpo.cfg.run.rollout_tasks)]
+    trainer_task = asyncio.ensure_future(grpo.train_loop(log, deadline))
+    grpo.loops = {"training loop": trainer_task, **{f"rollout loop {i}": t for i, t in enumerate(rollouts)}}
+    grpo.progress = dict.fromkeys(grpo.loops, time.monotonic())
+    watchdog = asyncio.ensure_future(grpo.watchdog())
+    return [*rollouts, watchdog, trainer_task], trainer_task
+
+
+async def _wait_for_the_end(trainer_task: asyncio.Task, tasks: list[asyncio.Task]) -> str:
+    """Why the training loop stopped; raises what ended the run if another task ended first."""
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finished = trainer_task if trainer_task in done else next(iter(done))
+    if finished is not trainer_task:
+        finished.result()  # raises: a rollout failed or an actor died
+        raise RuntimeError("a background task ended unexpectedly")
+    return trainer_task.result()
+
+
+async def _finish(grpo: GRPORun, log: RunLogger, reason: str, started: float, startup_s: float) -> dict[str, Any]:
+    """Final evaluation, the trained-episode audit, the curves and summary.json; closes ``log``."""
+    run_dir, services = grpo.run_dir, grpo.s
+    grpo.stopping = True
+    grpo.gate.set()
+    final_accuracy = await grpo.final_evaluation() if grpo.eval_rows else None
+    episodes_trained = await asyncio.wait_for(services.replay_buffer.num_sampled.call_one(), 60)
+    ids_file = run_dir / "trained_episodes.txt"
+    written = write_sampled_ids_json(ids_file, run_dir / "trained_episodes.json")
+    if written != episodes_trained:
+        logger.warning("%s lists %d episodes, the replay buffer sampled %d", ids_file, written, episodes_trained)
+    summary = {"reason": reason, "steps": grpo.step, "wall_s": time.monotonic() - started,
+               "startup_s": startup_s, "final_mean_reward": grpo.rewards.mean(),
+               "best_mean_reward": grpo.rewards.best_mean,
+               "final_eval_accuracy": final_accuracy, "episodes_trained": episodes_trained}
+    log.close()
+    history = log.full_history()  # metrics.jsonl: every step, those before a resume too
+    if final_accuracy is not None:
+        history.append({"step": grpo.step, "eval/accuracy": final_accuracy})
+    summary["plot"] = str(plot_curves(history, run_dir / "curves.png", grpo.cfg.run.reward_window))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    """Cancel the run's tasks and wait for them (30 s); a task that ignores it is reported."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    done, stuck = await asyncio.wait(tasks, timeout=30)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # reported already (or by the task that ended the run)
+    for task in stuck:  # shut the services down anyway; that ends what the task waits on
+        logger.warning("a task of the run ignored cancellation for 30 s; it waits at %s", await_chain(task))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,43 @@ from apps.grpo.main import DEFAULT_CONFIG, main
 from forge.util.config import load_config
 
 BAD = [
+    # one wrong value per kind of field, each named by its dotted path or its field
     (["group_size=1"], "group_size"),
+    (["group_size=true"], "group_size"),
+    (["ref_model_replicas=0"], "ref_model_replicas"),
+    (["run.seed=-1"], "run.seed"),
+    (["run.max_time_s=0"], "run.max_time_s"),
+    (["run.target_reward=-0.5"], "run.target_reward"),
+    (["run.eval_every=-1"], "run.eval_every"),
+    (["data.eval_size=0"], "data.eval_size"),
+    (["data.use_chat_template=maybe"], "data.use_chat_template"),
+    (["policy.procs=0"], "policy.procs"),
+    (["policy.with_gpus=2"], "policy.with_gpus"),
+    (["policy.engine.max_model_len=1"], "max_model_len"),
+    (["policy.engine.max_num_seqs=many"], "policy.engine.max_num_seqs"),
+    (["policy.engine.enforce_eager=3"], "enforce_eager"),
+    (["policy.engine.bogus=1"], r"policy.engine: unknown field\(s\) \['bogus'\]"),
+    (["policy.engine.model=other"], "set the model once"),
+    (["policy.sampling.top_p=1.5"], "top_p"),
+    (["policy.sampling.max_tokens=0"], "max_tokens"),
+    (["policy.sampling.stop_token_ids=[a]"], "stop_token_ids"),
+    (["trainer.optimizer.name=NoSuchOpt"], "optimizer name"),
+    (["trainer.optimizer.lr=-1"], "config.trainer.optimizer: optimizer lr"),
+    (["trainer.optimizer.betas=[0.9,1.5]"], "optimizer betas"),
+    (["trainer.training.bogus=1"], r"trainer.training: unknown field\(s\) \['bogus'\]"),
+    (["trainer.training.seq_len=1"], "training seq_len"),
+    (["trainer.training.max_norm=-1"], "training max_norm"),
+    (["trainer.loss.beta=-0.1"], "loss beta"),
+    (["trainer.loss.temperature=0"], "loss temperature"),
+    (["trainer.lr_scheduler.decay=cosine"], "total_steps must be > 0"),
+    (["trainer.lr_scheduler.min_lr_ratio=2"], "min_lr_ratio"),
+    (["trainer.hosts=0"], "trainer.hosts"),
+    (["replay_buffer.max_policy_age=-1"], "replay_buffer.max_policy_age"),
+    (["replay_buffer.batch_size=0"], "replay_buffer.batch_size"),
+    (["reward.num_replicas=0"], "reward.num_replicas"),
+    (["hosts={source: ssh, groups: {gen: 1}}"], "hosts.source"),
+    (["hosts={groups: {gen: 1}, failure_timeout_s: -1}"], "hosts.failure_timeout_s"),
+    (["placement={policy: gen}"], "no hosts: section"),
     (["run.max_steps=0"], "run.max_steps"),
     (["run.max_steps=ten"], "run.max_steps"),
     (["run.weight_update=sideways"], "weight_update"),
@@ -35,7 +71,7 @@ def test_bad_configs_are_rejected_with_the_field_named(overrides, named):
 
 def test_the_shipped_configs_parse():
     default = load_config(GRPOConfig, DEFAULT_CONFIG, [])
-    assert default.model == "tiny" and default.sampling_config()["n"] == default.group_size
+    assert default.model == "tiny" and default.sampling_config().n == default.group_size
     gpu = load_config(GRPOConfig, DEFAULT_CONFIG.with_name("qwen3_1_7b_gsm8k.yaml"), [])
     assert gpu.policy.with_gpus and gpu.model_spec()["hf_assets_path"] == "hf://Qwen/Qwen3-1.7B"
 

@@ -25,7 +25,7 @@ from forge.weights.store import WeightStore
     ({"groups": {"a": 1}, "failure_timeout_s": 0}, "failure_timeout_s must be a positive number"),
     ({"groups": {"a": 1}, "slurm": {"partition": "gpu"}}, "hosts.slurm is only used with source 'slurm'"),
     ({"source": "slurm", "groups": {"a": 1}, "slurm": {"partiton": "gpu"}}, r"unknown SlurmJob option\(s\) \['partiton'\]"),
-    ({"groups": {"a": 1}, "hostz": 1}, r"hosts: unknown key\(s\) \['hostz'\]"),
+    ({"groups": {"a": 1}, "hostz": 1}, r"hosts: unknown field\(s\) \[.hostz.\]"),
 ])
 def test_bad_host_configs_are_refused_naming_the_field(value, message):
     with pytest.raises(ValueError, match=message):
@@ -61,7 +61,7 @@ def test_host_options_are_validated_when_set():
     class Thing(ForgeActor):
         pass
 
-    with pytest.raises(ValueError, match="option 'hosts' must be >= 1"):
+    with pytest.raises(ValueError, match="option 'hosts' must be an int >= 1"):
         Thing.options(hosts=0)
     with pytest.raises(ValueError, match="option 'host_group' must be the name of a host group"):
         Thing.options(host_group=3)

@@ -45,9 +45,11 @@ def test_an_idle_segment_too_small_for_the_next_version_gives_its_space_back(sto
     assert torch.equal(store.read(3)["w"], torch.zeros(1000))
 
 
-def test_a_reader_waits_a_bounded_time_for_a_version_that_never_comes(store):
+async def test_a_reader_waits_a_bounded_time_for_a_version_that_never_comes_and_open_never_waits(store):
     with pytest.raises(TimeoutError, match="push_weights"):
-        with store.open(9, timeout_s=0.2):
+        await store.wait_for(9, timeout_s=0.2)
+    with pytest.raises(LookupError, match=r"await wait_for\(9\) before opening it"):
+        with store.open(9):
             pass
 
 

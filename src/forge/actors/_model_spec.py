@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from forge.engine.config import _from_mapping
+from forge.util.config import build
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, values: Mapping[str, Any] | "ModelSpec" | None) -> "ModelSpec":
-        return _from_mapping(cls, values, "model")
+        return build(cls, values, "model")
 
     def path(self) -> Path:
         from forge.models import PRESETS, resolve_model_path

@@ -24,6 +24,7 @@ from monarch.actor import concurrent_endpoint, endpoint
 
 from forge.controller import ForgeActor, replay_on_rebuild
 from forge.engine.config import EngineConfig, SamplingParams
+from forge.engine.interface import GenerationEngine, build_engine
 from forge.observability.metrics import record_metric
 from forge.util.failpoints import failpoint
 
@@ -89,7 +90,7 @@ class Policy(ForgeActor):
         self.engine_config = EngineConfig.parse(engine_config)
         self.sampling = SamplingParams.parse(sampling_config)
         self.store = WeightStore.resolve(weight_store)
-        self._engine: Any = None
+        self._engine: GenerationEngine | None = None
         self._tokenizer: Any = None
 
     @classmethod
@@ -109,23 +110,11 @@ class Policy(ForgeActor):
     @endpoint
     async def setup(self) -> None:
         """Load the model and build the engine (heavy; runs once per replica start)."""
-        from forge.models import load_model, load_tokenizer, resolve_model_path
+        from forge.models import load_tokenizer, resolve_model_path
 
-        config = self.engine_config
-        path = resolve_model_path(config.model)
+        path = resolve_model_path(self.engine_config.model)
         self._tokenizer = load_tokenizer(path)
-        if config.backend == "vllm":
-            from forge.engine.vllm_adapter import VllmEngine
-
-            self._engine = VllmEngine(path, config)
-            return
-        from forge.engine.native import AsyncEngine, NativeEngine, pick_device
-
-        model = load_model(path, config.dtype, pick_device(config))
-        eos = {self._tokenizer.eos_token_id}
-        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos.update(generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos])
-        self._engine = AsyncEngine(NativeEngine(model, tuple(e for e in eos if e is not None), config))
+        self._engine = build_engine(self.engine_config, path, self._tokenizer)
 
     def _encode(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
@@ -190,12 +179,14 @@ class Policy(ForgeActor):
 
     async def __cleanup__(self, exc: Any) -> None:
         self.store.close()  # weights this replica mirrored from another host
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            await engine.close()
 
     @endpoint
     async def weights(self) -> dict[str, torch.Tensor]:
         """A copy of the generator's current weights (to check a sync; small models only)."""
-        model = self._engine.engine.runner.model
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return self._engine.state_dict()
 
     @endpoint
     async def get_version(self) -> int:
@@ -203,9 +194,5 @@ class Policy(ForgeActor):
 
     @endpoint
     async def engine_stats(self) -> dict:
-        """Scheduler occupancy and counters of this replica's native engine."""
-        engine = getattr(self._engine, "engine", None)
-        if engine is None:
-            return {"version": self._engine.version}
-        return {**engine.scheduler.statistics(), "version": engine.version,
-                "generated_tokens": engine.num_generated_tokens}
+        """This replica's engine counters (scheduler occupancy, tokens generated, version)."""
+        return self._engine.statistics()

@@ -41,7 +41,8 @@ from monarch.actor import endpoint
 from forge.actors._model_spec import ModelSpec
 from forge.controller import ForgeActor
 from forge.data.batch import TrainInputs, TrainTargets
-from forge.engine.config import _from_mapping
+from forge.util.checks import check_choice, check_int, check_number, check_positive
+from forge.util.config import build
 from forge.losses import LossConfig, grpo_loss, sequence_logprobs
 from forge.weights import WeightStore
 
@@ -59,10 +60,14 @@ class OptimizerConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optimizer name {self.name!r} is not one of {OPTIMIZERS}")
-        if not self.lr > 0:
-            raise ValueError(f"optimizer lr must be > 0, got {self.lr}")
+        check_choice("optimizer name", self.name, OPTIMIZERS)
+        check_positive("optimizer lr", self.lr)
+        check_number("optimizer weight_decay", self.weight_decay, 0)
+        if len(self.betas) != 2:
+            raise ValueError(f"optimizer betas must be two numbers, got {self.betas!r}")
+        for beta in self.betas:
+            check_number("optimizer betas", beta, 0, 1, high_open=True)
+        check_positive("optimizer eps", self.eps)
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,10 @@ class LRSchedulerConfig:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.decay not in ("constant", "linear", "cosine"):
-            raise ValueError(f"lr_scheduler decay {self.decay!r} is not constant, linear or cosine")
+        check_choice("lr_scheduler decay", self.decay, ("constant", "linear", "cosine"))
+        check_int("lr_scheduler warmup_steps", self.warmup_steps, 0)
+        check_int("lr_scheduler total_steps", self.total_steps, 0)
+        check_number("lr_scheduler min_lr_ratio", self.min_lr_ratio, 0, 1)
         if self.decay != "constant" and self.total_steps <= 0:
             raise ValueError("lr_scheduler total_steps must be > 0 for linear or cosine decay")
 
@@ -95,12 +102,22 @@ class TrainingConfig:
     max_norm: float = 1.0  # gradient clipping; 0 disables
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_int("training local_batch_size", self.local_batch_size, 1)
+        check_int("training seq_len", self.seq_len, 2)
+        check_number("training max_norm", self.max_norm, 0)
+        check_int("training seed", self.seed, 0)
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     folder: str | None = None
     interval: int = 0  # save every N train steps; 0: only when save_checkpoint is called
     keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        check_int("checkpoint interval", self.interval, 0)
+        check_int("checkpoint keep_last", self.keep_last, 1)
 
 
 @dataclass
@@ -115,11 +132,11 @@ class RLTrainer(ForgeActor):
     def __init__(self, model: Any = None, optimizer: Any = None, training: Any = None, loss: Any = None,
                  lr_scheduler: Any = None, checkpoint: Any = None, weight_store: str | None = None) -> None:
         self.model_spec = ModelSpec.parse(model)
-        self.optimizer_config = _from_mapping(OptimizerConfig, optimizer, "optimizer")
-        self.training = _from_mapping(TrainingConfig, training, "training")
-        self.loss_config = _from_mapping(LossConfig, loss, "loss")
-        self.schedule = _from_mapping(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
-        self.checkpointing = _from_mapping(CheckpointConfig, checkpoint, "checkpoint")
+        self.optimizer_config = build(OptimizerConfig, optimizer, "optimizer")
+        self.training = build(TrainingConfig, training, "training")
+        self.loss_config = build(LossConfig, loss, "loss")
+        self.schedule = build(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
+        self.checkpointing = build(CheckpointConfig, checkpoint, "checkpoint")
         self.store = WeightStore.resolve(weight_store)
         self.state = TrainerState()
         self.rank = int(os.environ.get("RANK", "0"))
@@ -132,11 +149,11 @@ class RLTrainer(ForgeActor):
         if unknown:
             raise ValueError(f"RLTrainer got unknown argument(s) {sorted(unknown)}")
         ModelSpec.parse(model).path()
-        _from_mapping(OptimizerConfig, optimizer, "optimizer")
-        _from_mapping(TrainingConfig, training, "training")
-        _from_mapping(LossConfig, loss, "loss")
-        _from_mapping(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
-        _from_mapping(CheckpointConfig, checkpoint, "checkpoint")
+        build(OptimizerConfig, optimizer, "optimizer")
+        build(TrainingConfig, training, "training")
+        build(LossConfig, loss, "loss")
+        build(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
+        build(CheckpointConfig, checkpoint, "checkpoint")
         WeightStore.resolve(weight_store)
 
     @endpoint
@@ -364,7 +381,6 @@ class RLTrainer(ForgeActor):
         self.store.close()
 
 
-_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
 
 
 def save_atomically(state: dict[str, Any], path: Path) -> None:
@@ -382,12 +398,18 @@ def save_atomically(state: dict[str, Any], path: Path) -> None:
             staging.unlink()
 
 
-def latest_checkpoint(folder: Path) -> str | None:
-    found = sorted(p for p in folder.glob("step-*.pt") if _CHECKPOINT.match(p.name)) if folder.is_dir() else []
+def _checkpoints(folder: Path, prefix: str) -> list[Path]:
+    """``<prefix>-<step>.pt`` files in ``folder``, oldest first (steps are zero-padded)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)\.pt$")
+    return sorted(p for p in folder.glob(f"{prefix}-*.pt") if pattern.match(p.name)) if folder.is_dir() else []
+
+
+def latest_checkpoint(folder: Path, prefix: str = "step") -> str | None:
+    found = _checkpoints(folder, prefix)
     return str(found[-1]) if found else None
 
 
-def prune_checkpoints(folder: Path, keep_last: int) -> None:
-    found = sorted(p for p in folder.glob("step-*.pt") if _CHECKPOINT.match(p.name))
-    for old in found[:-keep_last] if keep_last > 0 else []:
+def prune_checkpoints(folder: Path, keep_last: int, prefix: str = "step") -> None:
+    """Delete all but the newest ``keep_last`` ``<prefix>-<step>.pt`` files of ``folder``."""
+    for old in _checkpoints(folder, prefix)[:-keep_last] if keep_last > 0 else []:
         old.unlink()

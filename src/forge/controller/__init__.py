@@ -1,8 +1,12 @@
-"""Forge's controller layer: ``ForgeActor`` (actors and services), host pools, routers and errors."""
+"""Forge's controller layer: ``ForgeActor`` (actors and services), host pools, routers and errors.
 
-from forge.controller.actor import ForgeActor, actor_alive, replay_on_rebuild
-from forge.controller.actor_mesh import ForgeActorMesh, checked_in_caller
+Everything an application needs comes from here; the submodules are the implementation.
+"""
+
+from forge.controller.actor import ForgeActor
+from forge.controller.actor_mesh import ForgeActorMesh
 from forge.controller.drain import drain_metrics
+from forge.controller.endpoints import checked_in_caller, replay_on_rebuild
 from forge.controller.errors import (
     EndpointError,
     ForgeError,
@@ -10,6 +14,7 @@ from forge.controller.errors import (
     HostRegistryLost,
     ReplicaFailed,
     ServiceUnavailable,
+    is_infrastructure_error,
 )
 from forge.controller.hosts import HostPool, HostsConfig, current_pool, init_hosts, shutdown_hosts
 from forge.controller.service.routers import (
@@ -19,10 +24,18 @@ from forge.controller.service.routers import (
     Router,
     StickyRouter,
 )
+from forge.controller.service.handle import ServiceHandle
+from forge.controller.service.types import ReplicaFailure, ServiceStats
+from forge.controller.spawn import actor_alive, actor_pids
 
 __all__ = [
     "ForgeActor",
+    "ServiceHandle",
+    "ServiceStats",
+    "ReplicaFailure",
     "actor_alive",
+    "actor_pids",
+    "is_infrastructure_error",
     "replay_on_rebuild",
     "checked_in_caller",
     "ForgeActorMesh",

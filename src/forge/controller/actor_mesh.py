@@ -7,7 +7,8 @@ Every endpoint keeps Monarch's adverbs unchanged (``call_one``, ``choose``, ``ca
   ``call_one()``, so code written for a service (``ref_model.forward.route(...)``) runs on
   an actor too. On a mesh of several processes it raises ``ForgeUsageError`` naming
   ``.call()`` (every rank) and ``.choose()`` (any one rank).
-* Caller-side checks: an endpoint marked ``@checked_in_caller(check)`` runs
+* Caller-side checks: an endpoint marked ``@checked_in_caller(check)``
+  (``forge.controller.endpoints``) runs
   ``check(*args, **kwargs)`` in the calling process before the message is sent, so bad
   input raises its own ``ValueError`` there, not a Monarch ``ActorError`` later.
 
@@ -20,34 +21,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from monarch._src.actor.actor_mesh import ActorMesh
-from monarch._src.actor.endpoint import EndpointProperty
 
+from forge.controller.endpoints import caller_check
 from forge.controller.errors import ForgeUsageError
-
-_CHECK_ATTRIBUTE = "_forge_caller_check"
-
-
-def checked_in_caller(check: Callable[..., None]) -> Callable[[Any], Any]:
-    """Mark an endpoint whose arguments ``check(*args, **kwargs)`` validates in the caller.
-
-    ``check`` raises (``ValueError``, ``TypeError``) for bad arguments and must be a
-    module-level function (service handles carry it when pickled). Apply it above or below
-    ``@endpoint``; the endpoint should run the same check itself, for callers that reach it
-    some other way.
-    """
-
-    def mark(method: Any) -> Any:
-        target = method._method if isinstance(method, EndpointProperty) else method
-        setattr(target, _CHECK_ATTRIBUTE, check)
-        return method
-
-    return mark
-
-
-def caller_check(method: Any) -> Callable[..., None] | None:
-    """The ``checked_in_caller`` function of an endpoint (property or method), if any."""
-    target = method._method if isinstance(method, EndpointProperty) else method
-    return getattr(target, _CHECK_ATTRIBUTE, None)
 
 
 class ActorEndpoint:
@@ -81,25 +57,20 @@ class ActorEndpoint:
             )
         return self.call_one(*args, **kwargs)
 
-    def call_one(self, *args: Any, **kwargs: Any) -> Any:
-        self._checked(args, kwargs)
-        return self._endpoint.call_one(*args, **kwargs)
 
-    def choose(self, *args: Any, **kwargs: Any) -> Any:
-        self._checked(args, kwargs)
-        return self._endpoint.choose(*args, **kwargs)
+def _adverb(name: str) -> Any:
+    """Monarch's adverb ``name``, after the endpoint's caller check."""
 
-    def call(self, *args: Any, **kwargs: Any) -> Any:
+    def send(self: ActorEndpoint, *args: Any, **kwargs: Any) -> Any:
         self._checked(args, kwargs)
-        return self._endpoint.call(*args, **kwargs)
+        return getattr(self._endpoint, name)(*args, **kwargs)
 
-    def broadcast(self, *args: Any, **kwargs: Any) -> Any:
-        self._checked(args, kwargs)
-        return self._endpoint.broadcast(*args, **kwargs)
+    send.__name__ = send.__qualname__ = name
+    return send
 
-    def stream(self, *args: Any, **kwargs: Any) -> Any:
-        self._checked(args, kwargs)
-        return self._endpoint.stream(*args, **kwargs)
+
+for _name in ("call_one", "choose", "call", "broadcast", "stream"):
+    setattr(ActorEndpoint, _name, _adverb(_name))
 
 
 class ForgeActorMesh(ActorMesh):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from forge.controller.actor import _DRAIN
+from forge.controller.endpoints import DRAIN
 from forge.controller.service.handle import ServiceHandle
 from forge.controller.service.types import ReplicaFailure
 
@@ -30,9 +30,9 @@ async def drain_metrics(part: Any, timeout_s: float = 60.0) -> list[dict]:
 
 async def _drain(part: Any) -> list[dict]:
     if isinstance(part, ServiceHandle):
-        results = await part._client().fanout(_DRAIN, (), {}, partial=True)
+        results = await part._client().fanout(DRAIN, (), {}, partial=True)
         return [r for result in results if not isinstance(result, ReplicaFailure) for r in _ranks(result)]
-    values = await getattr(part, _DRAIN).call()
+    values = await getattr(part, DRAIN).call()
     return [v for _, v in values.items()]
 
 

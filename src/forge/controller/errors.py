@@ -42,12 +42,8 @@ class EndpointError(ForgeError):
             f"{endpoint}{where} raised {original_type}: {message}\n"
             f"Remote traceback:\n{remote_traceback}"
         )
-        self.endpoint = endpoint
-        self.original = original
-        self.original_type = original_type
-        self.message = message
-        self.remote_traceback = remote_traceback
-        self.replica_id = replica_id
+        vars(self).update(endpoint=endpoint, original=original, original_type=original_type, message=message,
+                          remote_traceback=remote_traceback, replica_id=replica_id)
 
     def __reduce__(self):
         return (
@@ -86,3 +82,9 @@ class ReplicaFailed(ForgeError):
 
 class ForgeUsageError(ForgeError, TypeError):
     """An API was used in a way it does not support (e.g. ``.choose()`` on a service)."""
+
+
+def is_infrastructure_error(error: BaseException) -> bool:
+    """Whether ``error`` is a failure of a process or actor (Monarch's ``SupervisionError``:
+    it died, or its host did), not an exception raised by user code."""
+    return type(error).__name__ == "SupervisionError"

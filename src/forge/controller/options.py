@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge.controller.service.routers import Router, make_router_factory
+from forge.util.checks import check_bool, check_int, check_seconds
 
 
 @dataclass(frozen=True)
@@ -54,24 +55,6 @@ _PLACEMENT_FIELDS = {f.name for f in dataclasses.fields(PlacementOptions)}
 _SERVICE_FIELDS = {f.name for f in dataclasses.fields(ServiceOptions)} - {"router_factory"}
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"option {name!r} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"option {name!r} must be >= {minimum}, got {value}")
-
-
-def _check_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"option {name!r} must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"option {name!r} must be True or False, got {value!r}")
-
-
 def parse_options(
     base_placement: PlacementOptions, base_service: ServiceOptions, overrides: dict[str, Any]
 ) -> tuple[PlacementOptions, ServiceOptions]:
@@ -91,24 +74,24 @@ def parse_options(
 
 
 def _validate_placement(p: PlacementOptions) -> None:
-    _check_int("procs", p.procs, 1)
-    _check_int("num_replicas", p.num_replicas, 1)
-    _check_bool("with_gpus", p.with_gpus)
+    check_int("option 'procs'", p.procs, 1)
+    check_int("option 'num_replicas'", p.num_replicas, 1)
+    check_bool("option 'with_gpus'", p.with_gpus)
     if p.hosts is not None:
-        _check_int("hosts", p.hosts, 1)
+        check_int("option 'hosts'", p.hosts, 1)
     if p.host_group is not None and (not isinstance(p.host_group, str) or not p.host_group):
         raise ValueError(f"option 'host_group' must be the name of a host group (a str), got {p.host_group!r}")
 
 
 def _validate_service(s: ServiceOptions) -> ServiceOptions:
-    _check_int("max_concurrent_requests", s.max_concurrent_requests, 1)
-    _check_int("max_restarts", s.max_restarts, 1)
-    _check_int("max_retries", s.max_retries, 0)
-    _check_int("poison_threshold", s.poison_threshold, 1)
-    _check_bool("all_ranks", s.all_ranks)
-    _check_bool("fanout_partial", s.fanout_partial)
+    check_int("option 'max_concurrent_requests'", s.max_concurrent_requests, 1)
+    check_int("option 'max_restarts'", s.max_restarts, 1)
+    check_int("option 'max_retries'", s.max_retries, 0)
+    check_int("option 'poison_threshold'", s.poison_threshold, 1)
+    check_bool("option 'all_ranks'", s.all_ranks)
+    check_bool("option 'fanout_partial'", s.fanout_partial)
     seconds = {
-        name: _check_float(name, getattr(s, name))
+        name: check_seconds(f"option {name!r}", getattr(s, name))
         for name in (
             "health_probe_interval_s",
             "health_probe_timeout_s",

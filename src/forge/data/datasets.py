@@ -25,7 +25,8 @@ class ArithmeticTask:
     """``a+b=`` with single-digit operands and single-digit sums (55 prompts by default).
 
     A random policy answers right about 2% of the time; a tiny transformer learns it by
-    RL alone within minutes on a CPU (see shared/RL_NOTES.md on why single-token answers).
+    RL alone within minutes on a CPU. Why single-token answers: README, "The default task,
+    and why it is built this way".
     """
 
     max_operand: int = 9

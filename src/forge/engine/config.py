@@ -13,27 +13,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from forge.util.checks import check_bool, check_choice, check_int, check_number
+from forge.util.config import build
+
 BACKENDS = ("native", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _from_mapping(cls: type, values: Mapping[str, Any] | Any | None, what: str) -> Any:
-    if values is None:
-        return cls()
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{what} must be a dict or {cls.__name__}, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} key(s) {unknown}; valid keys are {sorted(names)}")
-    return cls(**dict(values))
-
-
-def _int(what: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -56,15 +40,14 @@ class SamplingParams:
     seed: int | None = None  # same seed and prompt -> same samples
 
     def __post_init__(self) -> None:
-        _int("sampling n", self.n, 1)
-        _int("sampling max_tokens", self.max_tokens, 1)
-        _int("sampling top_k", self.top_k, 0)
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"sampling temperature must be a number >= 0, got {self.temperature!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p!r}")
+        check_int("sampling n", self.n, 1)
+        check_int("sampling max_tokens", self.max_tokens, 1)
+        check_int("sampling top_k", self.top_k, 0)
+        check_number("sampling temperature", self.temperature, 0)
+        check_number("sampling top_p", self.top_p, 0, 1, low_open=True)
+        check_bool("sampling ignore_eos", self.ignore_eos)
         if self.seed is not None:
-            _int("sampling seed", self.seed, 0)
+            check_int("sampling seed", self.seed, 0)
         ids = tuple(self.stop_token_ids)
         if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
             raise ValueError(f"sampling stop_token_ids must be ints, got {self.stop_token_ids!r}")
@@ -72,7 +55,7 @@ class SamplingParams:
 
     @classmethod
     def parse(cls, values: Mapping[str, Any] | "SamplingParams" | None) -> "SamplingParams":
-        return _from_mapping(cls, values, "sampling_config")
+        return build(cls, values, "sampling_config")
 
     def merged(self, overrides: Mapping[str, Any] | "SamplingParams" | None) -> "SamplingParams":
         """These defaults with ``overrides`` applied (a per-call ``sampling_config``)."""
@@ -80,7 +63,7 @@ class SamplingParams:
             return self
         if isinstance(overrides, SamplingParams):
             return overrides
-        _from_mapping(SamplingParams, overrides, "sampling_config")  # names the bad key
+        build(SamplingParams, overrides, "sampling_config")  # names the bad key or value
         return dataclasses.replace(self, **dict(overrides))
 
 
@@ -103,17 +86,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"engine_config model must be a non-empty string, got {self.model!r}")
-        _int("engine_config tensor_parallel_size", self.tensor_parallel_size, 1)
-        _int("engine_config pipeline_parallel_size", self.pipeline_parallel_size, 1)
-        _int("engine_config max_num_seqs", self.max_num_seqs, 1)
-        _int("engine_config max_model_len", self.max_model_len, 2)
-        _int("engine_config seed", self.seed, 0)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"engine_config backend {self.backend!r} is not one of {BACKENDS}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"engine_config dtype {self.dtype!r} is not one of {DTYPES}")
-        if not isinstance(self.enforce_eager, bool):
-            raise ValueError(f"engine_config enforce_eager must be True or False, got {self.enforce_eager!r}")
+        check_int("engine_config tensor_parallel_size", self.tensor_parallel_size, 1)
+        check_int("engine_config pipeline_parallel_size", self.pipeline_parallel_size, 1)
+        check_int("engine_config max_num_seqs", self.max_num_seqs, 1)
+        check_int("engine_config max_model_len", self.max_model_len, 2)
+        check_int("engine_config seed", self.seed, 0)
+        check_choice("engine_config backend", self.backend, BACKENDS)
+        check_choice("engine_config dtype", self.dtype, DTYPES)
+        check_bool("engine_config enforce_eager", self.enforce_eager)
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"engine_config device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
         if self.backend == "native" and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
@@ -124,4 +104,4 @@ class EngineConfig:
 
     @classmethod
     def parse(cls, values: Mapping[str, Any] | "EngineConfig" | None) -> "EngineConfig":
-        return _from_mapping(cls, values, "engine_config")
+        return build(cls, values, "engine_config")

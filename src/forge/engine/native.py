@@ -119,6 +119,7 @@ class AsyncEngine:
         self._waiters: dict[Request, asyncio.Future] = {}
         self._stepper: asyncio.Task | None = None
         self._updating: asyncio.Lock | None = None  # one weight swap at a time
+        self._nothing_running: asyncio.Event | None = None  # set by the stepper when no sequence runs
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         request = self.engine.add_request(prompt_ids, params)
@@ -145,6 +146,8 @@ class AsyncEngine:
                     waiter = self._waiters.get(request)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(request)
+                if not engine.scheduler.running and self._nothing_running is not None:
+                    self._nothing_running.set()
                 await asyncio.sleep(0)  # let new requests and other messages in
         except Exception as e:  # a failing step fails every request in it, loudly
             logger.exception("generation step failed")
@@ -153,18 +156,22 @@ class AsyncEngine:
                 if not waiter.done():
                     waiter.set_exception(e)
             raise
+        finally:
+            if self._nothing_running is not None:  # the stepper stops: a weight swap waits no more
+                self._nothing_running.set()
 
     async def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Pause admission, drain running sequences, load weights, resume."""
         if self._updating is None:
-            self._updating = asyncio.Lock()
+            self._updating, self._nothing_running = asyncio.Lock(), asyncio.Event()
         scheduler = self.engine.scheduler
         async with self._updating:
             scheduler.is_admitting = False
             try:
-                while scheduler.running:
+                while scheduler.running:  # the stepper sets the event when the last one finishes
+                    self._nothing_running.clear()
                     self._ensure_stepping()
-                    await asyncio.sleep(0.001)
+                    await self._nothing_running.wait()
                 self.engine.load_weights(state_dict, version)
             finally:
                 scheduler.is_admitting = True
@@ -174,6 +181,14 @@ class AsyncEngine:
     @property
     def version(self) -> int:
         return self.engine.version
+
+    def statistics(self) -> dict[str, Any]:
+        engine = self.engine
+        return {**engine.scheduler.statistics(), "version": engine.version,
+                "generated_tokens": engine.num_generated_tokens}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.engine.runner.model.state_dict().items()}
 
     async def close(self) -> None:
         if self._stepper is not None:

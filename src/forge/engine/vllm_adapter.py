@@ -39,7 +39,7 @@ class _Result:
 
 
 class VllmEngine:
-    """The subset of AsyncEngine that Policy uses, backed by ``vllm.LLM``."""
+    """``GenerationEngine`` (forge.engine.interface) backed by ``vllm.LLM``."""
 
     def __init__(self, model_path: Path, config: EngineConfig) -> None:
         import torch
@@ -48,17 +48,10 @@ class VllmEngine:
         if not torch.cuda.is_available():
             raise ValueError("engine_config backend='vllm' needs a CUDA GPU; none is visible in this process")
         self._vllm = vllm
-        self.llm = vllm.LLM(
-            model=str(model_path),
-            tensor_parallel_size=config.tensor_parallel_size,
-            pipeline_parallel_size=config.pipeline_parallel_size,
-            enforce_eager=config.enforce_eager,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            seed=config.seed,
-            **config.extra,
-        )
+        passed = ("tensor_parallel_size", "pipeline_parallel_size", "enforce_eager", "dtype", "max_model_len",
+                  "max_num_seqs", "seed")  # EngineConfig fields that are vLLM engine arguments of the same name
+        self.llm = vllm.LLM(model=str(model_path), **{name: getattr(config, name) for name in passed},
+                            **config.extra)
         self.version = 0
         self._lock = asyncio.Lock()
         self._pending: list[tuple[list[int], SamplingParams, asyncio.Future]] = []
@@ -120,3 +113,19 @@ class VllmEngine:
 
             await asyncio.to_thread(self.llm.collective_rpc, load)
             self.version = version
+
+    def statistics(self) -> dict[str, Any]:
+        return {"version": self.version, "waiting": len(self._pending)}
+
+    def state_dict(self) -> dict[str, Any]:
+        raise ValueError("the vLLM engine does not hand out a copy of its weights; compare the trainer's "
+                         "instead (RLTrainer.weights)")
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        for _, _, done in self._pending:
+            if not done.done():
+                done.cancel()
+        self._pending = []

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from forge.util.checks import check_choice, check_int, check_number, check_positive
+
 NORMALIZATIONS = ("grpo", "dapo", "dr_grpo")
 
 
@@ -44,13 +46,11 @@ class LossConfig:
     temperature: float = 1.0  # logits are divided by it before log-softmax (match the generator)
 
     def __post_init__(self) -> None:
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"loss normalization {self.normalization!r} is not one of {NORMALIZATIONS}")
+        check_choice("loss normalization", self.normalization, NORMALIZATIONS)
         for name in ("beta", "eps_low", "eps_high"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"loss {name} must be >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"loss temperature must be > 0, got {self.temperature}")
+            check_number(f"loss {name}", getattr(self, name), 0)
+        check_int("loss max_tokens", self.max_tokens, 0)
+        check_positive("loss temperature", self.temperature)
 
 
 def sequence_logprobs(

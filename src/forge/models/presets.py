@@ -8,7 +8,7 @@ every actor loads the same files through the same code path as a real checkpoint
 
 ``initializer_range`` is 0.2, not the usual 0.02: a tiny random policy with the standard
 init is almost prompt-independent and GRPO then collapses to the most common answer
-(see shared/RL_NOTES.md).
+(README, "The default task, and why it is built this way", has the measurements).
 """
 
 from __future__ import annotations

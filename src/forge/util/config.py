@@ -1,7 +1,9 @@
 """YAML + ``key=value`` overrides (OmegaConf) parsed once into typed dataclasses.
 
 ``load_config(Schema, path, overrides)`` reads the YAML, applies dotted overrides
-(``policy.num_replicas=2``), and builds ``Schema`` recursively. Unknown keys, wrong
+(``policy.num_replicas=2``), and builds ``Schema`` recursively. ``build(Schema, mapping,
+where)`` is the one mapping-to-dataclass parser of Forge: component configs
+(``EngineConfig``, ``SamplingParams``, the trainer's, ``HostsConfig``) use it too. Unknown keys, wrong
 types and bad values raise ``ValueError`` naming the dotted field — before anything is
 spawned.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict or tp is dict:
-        if not isinstance(value, dict):
+        if not isinstance(value, Mapping):
             raise ValueError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
     if origin is typing.Literal:
@@ -66,7 +69,7 @@ def build(schema: type, values: Any, where: str = "config") -> Any:
         values = {}
     if isinstance(values, schema):
         return values
-    if not isinstance(values, dict):
+    if not isinstance(values, Mapping):
         raise ValueError(f"{where} must be a mapping of {schema.__name__} fields, got {values!r}")
     hints = typing.get_type_hints(schema)
     fields = {f.name for f in dataclasses.fields(schema) if f.init}

@@ -31,7 +31,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from forge.util.reaper import start_time
+from forge.util.procs import start_time
 
 logger = logging.getLogger("forge.util")
 

@@ -72,6 +72,7 @@ from typing import Any, Iterator
 
 import torch
 
+from forge.util.procs import pid_alive
 from forge.util.secret import SECRET_ENV, run_secret
 from forge.weights._files import (  # noqa: F401  (WeightStoreFull is public here)
     _POPULATE,
@@ -106,16 +107,6 @@ def default_store_name() -> str:
     return os.environ.get("FORGE_RUN_ID", "default")
 
 
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale_segments(directory: Path | None = None) -> list[Path]:
     """Delete this user's weight files (finished or half-written) whose owner process is
     gone, and pull locks nobody holds. Other users' files are skipped, never touched."""
@@ -125,7 +116,7 @@ def sweep_stale_segments(directory: Path | None = None) -> list[Path]:
         if not _is_mine(path):
             continue  # another user's run (or not a file the store makes): not ours to judge
         owner = _OWNER.search(path.name)
-        if owner is not None and not _is_alive(int(owner["pid"])):
+        if owner is not None and not pid_alive(int(owner["pid"])):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
@@ -376,21 +367,20 @@ class WeightStore:
         return max(versions, default=None)
 
     @contextlib.contextmanager
-    def open(self, version: int, timeout_s: float = 60.0) -> Iterator[dict[str, torch.Tensor]]:
+    def open(self, version: int) -> Iterator[dict[str, torch.Tensor]]:
         """Tensors of ``version``, mapped from shared memory (valid only inside the block).
-        Files of other users or links are never loaded (see ``find``); ``PermissionError``
-        if the file found is swapped for one before it is opened."""
-        deadline = time.monotonic() + timeout_s
+
+        It does not wait: a version not (or no longer) on this host is a ``LookupError`` —
+        ``await wait_for(version)`` first. Files of other users or links are never loaded
+        (see ``find``); ``PermissionError`` if the file found is swapped for one before it
+        is opened."""
         path = self.find(version)
-        while path is None:
-            if time.monotonic() > deadline:
-                raise self._not_published(version, timeout_s)
-            time.sleep(0.01)
-            path = self.find(version)
+        if path is None:
+            raise self._not_here(version)
         try:
             f, buffer = self._map(path)
         except FileNotFoundError:  # reused for a newer version between find() and open()
-            with self.open(version, max(0.0, deadline - time.monotonic())) as tensors:
+            with self.open(version) as tensors:
                 yield tensors
             return
         fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # the publisher never rewrites a locked segment
@@ -416,7 +406,7 @@ class WeightStore:
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         if stale:
-            with self.open(version, max(0.0, deadline - time.monotonic())) as tensors:
+            with self.open(version) as tensors:
                 yield tensors
 
     def _map(self, path: Path) -> tuple[Any, mmap.mmap]:
@@ -461,6 +451,14 @@ class WeightStore:
                 raise self._not_published(version, timeout_s)
             await asyncio.sleep(0.01)
 
+    def _not_here(self, version: int) -> LookupError:
+        newest = self.newest_version()
+        return LookupError(
+            f"weights version {version} of store {self.name!r} is not in {self.directory} (newest here: {newest}); "
+            f"await wait_for({version}) before opening it, and check that the trainer published it (push_weights) "
+            f"with the same store name, in a process with the same ${SECRET_ENV}"
+        )
+
     def _not_published(self, version: int, timeout_s: float) -> TimeoutError:
         return TimeoutError(
             f"weights version {version} of store {self.name!r} did not appear in {self.directory} "
@@ -468,9 +466,10 @@ class WeightStore:
             f"process with the same ${SECRET_ENV} (or pass both the same WeightStore object)?"
         )
 
-    def read(self, version: int, timeout_s: float = 60.0) -> dict[str, torch.Tensor]:
-        """A private copy of ``version`` (for callers that keep the tensors)."""
-        with self.open(version, timeout_s) as tensors:
+    def read(self, version: int) -> dict[str, torch.Tensor]:
+        """A private copy of ``version`` (for callers that keep the tensors); ``LookupError``
+        when it is not on this host, as ``open``."""
+        with self.open(version) as tensors:
             return {k: v.clone() for k, v in tensors.items()}
 
     def __reduce__(self) -> Any:

@@ -31,7 +31,7 @@ Three kinds of Forge processes make it work:
   registry where to build a replica, and where to rebuild it when its host died.
 """
 
-from forge.controller.hosts.agent import job_processes, pid_alive
+from forge.controller.hosts.agent import job_processes
 from forge.controller.hosts.config import (
     HostInfo,
     HostRequest,
@@ -52,4 +52,7 @@ from forge.controller.hosts.registry import (
 __all__ = [
     "HostsConfig", "HostInfo", "HostStatus", "HostPool", "HostRequest", "Placement",
     "init_hosts", "shutdown_hosts", "current_pool",
+    # for the spawning and service layers (forge.controller.spawn, .service.controller)
+    "place", "placement_alive", "release_placement", "spawn_placed", "wait_for_returns", "supervision_env",
+    "job_processes", "make_job",
 ]

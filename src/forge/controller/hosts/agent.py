@@ -10,7 +10,8 @@ import time
 
 from monarch.actor import Actor, endpoint
 
-from forge.util.reaper import JOB_ID_ENV, has_env, kill_tagged, pid_alive
+from forge.util.procs import descendants, has_env, kill_tagged, pid_alive
+from forge.util.reaper import JOB_ID_ENV
 from forge.controller.provisioner import free_port, visible_gpus
 
 logger = logging.getLogger("forge.hosts")
@@ -32,22 +33,7 @@ def host_address() -> str:
 
 def job_processes(job_id: str, root: int) -> list[int]:
     """Pids under process ``root`` (this host's worker) whose environment carries ``FORGE_JOB_ID=job_id``."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    pids, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        if has_env(pid, JOB_ID_ENV, job_id):
-            pids.append(pid)
-    return pids
+    return [pid for pid in descendants(root) if has_env(pid, JOB_ID_ENV, job_id)]
 
 
 def kill_pids(pids: list[int] | tuple[int, ...], job_id: str) -> None:

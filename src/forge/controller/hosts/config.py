@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from forge.util.checks import check_choice, check_seconds
+from forge.util.config import build
 
 SOURCES = ("process_job", "workers", "slurm")
 HOST_ENV = "FORGE_HOST"  # "<group>-<index>": the host a process was placed on
@@ -36,23 +38,12 @@ class HostsConfig:
     @classmethod
     def parse(cls, value: "HostsConfig | dict[str, Any]") -> "HostsConfig":
         """A validated config from a ``HostsConfig`` or a mapping (YAML); ``ValueError`` names the bad field."""
-        if isinstance(value, HostsConfig):
-            fields = dataclasses.asdict(value)
-        elif isinstance(value, dict):
-            fields = dict(value)
-        else:
-            raise ValueError(f"hosts must be a HostsConfig or a mapping, got {type(value).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"hosts: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-        config = cls(**fields)
+        config = build(cls, value, "hosts")
         config._validate()
         return config
 
     def _validate(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"hosts.source must be one of {list(SOURCES)}, got {self.source!r}")
+        check_choice("hosts.source", self.source, SOURCES)
         if not isinstance(self.groups, dict) or not self.groups:
             raise ValueError(
                 "hosts.groups must name at least one host group, e.g. {'gen': 2, 'train': 1}"
@@ -71,9 +62,7 @@ class HostsConfig:
             elif isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1:
                 raise ValueError(f"hosts.groups.{name} must be a number of hosts >= 1, got {hosts!r}")
         for name in ("failure_timeout_s", "lease_timeout_s", "connect_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"hosts.{name} must be a positive number of seconds, got {value!r}")
+            check_seconds(f"hosts.{name}", getattr(self, name))
         if self.lease_timeout_s <= self.failure_timeout_s + 2 * HEARTBEAT_INTERVAL_S:
             raise ValueError(
                 f"hosts.lease_timeout_s must be > failure_timeout_s + {2 * HEARTBEAT_INTERVAL_S} s "
@@ -129,7 +118,7 @@ class HostRequest:
 
     def registry_gone(self) -> bool:
         """Whether the registry's process has died (then asking it anything would only time out)."""
-        from forge.util.reaper import pid_alive
+        from forge.util.procs import pid_alive
 
         return bool(self.registry_pid) and not pid_alive(self.registry_pid)
 

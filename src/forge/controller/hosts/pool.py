@@ -16,9 +16,9 @@ from monarch.actor import this_host
 from forge.controller.hosts.config import HostInfo, HostRequest, HostsConfig, HostStatus, delivery_timeout_s, supervision_env
 from forge.controller.errors import HostRegistryLost
 from forge.controller.hosts.registry import HostRegistry
-from forge.util.reaper import pid_alive
+from forge.util.procs import pid_alive
 from forge.util.tmpdirs import job_tmpdir, owned_tmpdir_of_this_process
-from forge.controller.provisioner import spawn_proc_mesh
+from forge.controller.provisioner import ensure_runtime, spawn_proc_mesh
 from forge.util.reaper import JOB_ID_ENV
 
 logger = logging.getLogger("forge.hosts")
@@ -209,44 +209,67 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
     config = HostsConfig.parse(config)
     if _pool is not None:
         raise RuntimeError("a host pool is already running in this process; shut it down first")
-    if config.transport is not None:
-        from monarch.actor import enable_transport
-
-        try:
-            enable_transport(config.transport)
-        except Exception as e:
-            raise RuntimeError(
-                f"hosts.transport={config.transport!r} could not be enabled ({e}); Monarch takes it only before "
-                "its first use in this process, so call init_hosts before spawning anything. On a host whose "
-                "name resolves only to loopback use an explicit address, e.g. tcp://10.0.0.5:0"
-            ) from None
+    _enable_transport(config.transport)
     import monarch.config
 
     # A message to a dead host comes back to its sender after this (Monarch's default is
     # 30 s); put back when the pool shuts down.
     previous_timeout = monarch.config.get_global_config().get("message_delivery_timeout")
     monarch.config.configure(message_delivery_timeout=f"{delivery_timeout_s(config.failure_timeout_s)}s")
-    from forge.controller.provisioner import ensure_runtime
-
     ensure_runtime()
-    job_id = uuid.uuid4().hex[:12]
+    try:
+        pool = await _start_pool(config, uuid.uuid4().hex[:12], previous_timeout)
+    except BaseException:
+        if previous_timeout is not None:
+            monarch.config.configure(message_delivery_timeout=previous_timeout)
+        raise
+    _pool = pool
+    return pool
+
+
+def _enable_transport(transport: str | None) -> None:
+    if transport is None:
+        return
+    from monarch.actor import enable_transport
+
+    try:
+        enable_transport(transport)
+    except Exception as e:
+        raise RuntimeError(
+            f"hosts.transport={transport!r} could not be enabled ({e}); Monarch takes it only before "
+            "its first use in this process, so call init_hosts before spawning anything. On a host whose "
+            "name resolves only to loopback use an explicit address, e.g. tcp://10.0.0.5:0"
+        ) from None
+
+
+async def _attach_to_workers(config: HostsConfig) -> dict[str, Any]:
+    """Host meshes of hand-started workers (source 'workers'), each group connected in time."""
+    from monarch.actor import attach_to_workers
+
+    meshes = {g: attach_to_workers(name=g, workers=list(addrs), ca="trust_all_connections")
+              for g, addrs in config.groups.items()}
+    for group, mesh in meshes.items():
+        try:
+            await asyncio.wait_for(mesh.initialized, config.connect_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"could not connect to the workers of group {group!r} {config.groups[group]} in "
+                f"{config.connect_timeout_s} s; start each with "
+                "`python -m forge.controller.worker --address tcp://0.0.0.0:PORT`"
+            ) from None
+    return meshes
+
+
+async def _start_pool(config: HostsConfig, job_id: str, previous_timeout: Any) -> HostPool:
+    """The hosts (a Monarch job, or attached workers) and the pool's registry and agents on them.
+
+    Until the pool owns them, what was started here (job, reaper, temp directory) is undone
+    on a failure; after, a failure shuts the pool down."""
     job = reaper = tmpdir = None
     loop = asyncio.get_running_loop()
     try:
         if config.source == "workers":
-            from monarch.actor import attach_to_workers
-
-            meshes = {g: attach_to_workers(name=g, workers=list(addrs), ca="trust_all_connections")
-                      for g, addrs in config.groups.items()}
-            for group, mesh in meshes.items():
-                try:
-                    await asyncio.wait_for(mesh.initialized, config.connect_timeout_s)
-                except asyncio.TimeoutError:
-                    raise TimeoutError(
-                        f"could not connect to the workers of group {group!r} {config.groups[group]} in "
-                        f"{config.connect_timeout_s} s; start each with "
-                        "`python -m forge.controller.worker --address tcp://0.0.0.0:PORT`"
-                    ) from None
+            meshes = await _attach_to_workers(config)
         else:
             if config.source == "process_job":
                 tmpdir = job_tmpdir(job_id)
@@ -258,15 +281,6 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
         pool._reaper, reaper = reaper, None
         pool._tmpdir, tmpdir = tmpdir, None
         job = None  # the pool owns it now
-        try:
-            await pool._start()
-        except BaseException:
-            await pool.shutdown()
-            raise
-    except BaseException:
-        if previous_timeout is not None:
-            monarch.config.configure(message_delivery_timeout=previous_timeout)
-        raise
     finally:
         if job is not None:
             await loop.run_in_executor(None, job.kill)
@@ -275,7 +289,11 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
             reaper.wait()
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
-    _pool = pool
+    try:
+        await pool._start()
+    except BaseException:
+        await pool.shutdown()
+        raise
     return pool
 
 

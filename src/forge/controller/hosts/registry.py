@@ -25,6 +25,7 @@ from forge.controller.hosts.config import (
     drain_s,
 )
 from forge.util.reaper import JOB_ID_ENV
+from forge.util.tasks import Nursery
 from forge.controller.provisioner import rank_env, spawn_proc_mesh
 
 logger = logging.getLogger("forge.hosts")
@@ -56,7 +57,7 @@ class HostRegistry(Actor):
         self._agent_meshes: list[Any] = []
         self._placements: dict[int, tuple[list[_Host], dict[str, list[str]]]] = {}
         self._ids = itertools.count(1)
-        self._tasks: set[asyncio.Task] = set()  # heartbeat loops and checks; cancelled by release_all
+        self._tasks = Nursery("host registry")  # heartbeat loops and checks; cancelled by release_all
         self._lock = asyncio.Lock()
         self._last_host_death: float | None = None
 
@@ -195,9 +196,7 @@ class HostRegistry(Actor):
     @endpoint
     async def release_all(self) -> None:
         """The job is over: agents kill what is left of it on their hosts, then stop."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         await wait_for_returns(self._last_host_death, self._config.failure_timeout_s)
         live = [h for hosts in self._hosts.values() for h in hosts if h.alive]
         await asyncio.gather(
@@ -224,9 +223,7 @@ class HostRegistry(Actor):
         self._own(self._ping(host))
 
     def _own(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.start(coro)
 
     def _pids_by_host(self, placement: Placement, pids: list[int]) -> list[tuple[_Host | None, list[int]]]:
         """A placement's pids (in rank order) grouped by the host each rank runs on."""
@@ -282,15 +279,13 @@ async def place(request: HostRequest, owner: str) -> Placement:
         raise RuntimeError(str(cause) if cause is not None else f"{owner}: placing it failed: {e!r}") from None
 
 
-_late_releases: set[asyncio.Task] = set()  # releases of placements whose caller was cancelled
+_late_releases = Nursery("late placement releases")  # of placements whose caller was cancelled
 
 
 def _release_late(request: HostRequest, done: asyncio.Future) -> None:
     if done.cancelled() or done.exception() is not None:
         return
-    task = asyncio.ensure_future(release_placement(request, done.result()))
-    _late_releases.add(task)
-    task.add_done_callback(_late_releases.discard)
+    _late_releases.start(release_placement(request, done.result()))
 
 
 def spawn_placed(request: HostRequest, placement: Placement, name: str, extra_env: dict[str, str] | None = None) -> Any:

@@ -28,11 +28,13 @@ from typing import Any
 
 from monarch.actor import ActorError
 
-from forge.controller.errors import EndpointError, ReplicaFailed, ServiceUnavailable
+from forge.controller.endpoints import CONTROLLER
+from forge.controller.errors import EndpointError, ReplicaFailed, ServiceUnavailable, is_infrastructure_error
 from forge.controller.options import ServiceOptions
 from forge.controller.service.routers import ReplicaLoad
 from forge.controller.service.slots import Slot
 from forge.controller.service.types import Membership, ReplayedCall, ReplicaFailure, ReplicaRef
+from forge.util.tasks import Nursery
 
 logger = logging.getLogger("forge.service")
 
@@ -72,11 +74,6 @@ def endpoint_error(actor_error: ActorError, endpoint: str, replica_id: int | Non
     return EndpointError(endpoint, original, type_name, message, remote_tb, replica_id)
 
 
-def is_infrastructure_error(error: BaseException) -> bool:
-    """A failure of the process or actor, not of user code (Monarch's SupervisionError)."""
-    return type(error).__name__ == "SupervisionError"
-
-
 @dataclass
 class _Session:
     slot: Slot | None = None
@@ -106,7 +103,7 @@ class ServiceClient:
         self._changed: asyncio.Future | None = None
         self._sessions: "weakref.WeakKeyDictionary[asyncio.Task, list[_Session]]" = weakref.WeakKeyDictionary()
         self._watcher: asyncio.Task | None = None
-        self._background: set[asyncio.Task] = set()
+        self._background = Nursery(f"service {name!r} client")  # failure reports
         self._broken: str | None = None
         self._dropped: set[tuple[int, int, int]] = set()  # ReplicaRef.key of replicas this process saw fail
         self._excluded: set[int] = set()  # replicas rolling() holds out of routing
@@ -301,7 +298,7 @@ class ServiceClient:
     async def _newer_controller(self) -> Any:
         """One round of asking the known replicas; a controller newer than ours, or None."""
         answers = await asyncio.gather(*(
-            asyncio.wait_for(_await_monarch(slot.ref.actors._forge_controller.choose()), _ASK_TIMEOUT_S)
+            asyncio.wait_for(_await_monarch(getattr(slot.ref.actors, CONTROLLER).choose()), _ASK_TIMEOUT_S)
             for slot in list(self._slots.values())), return_exceptions=True)
         newer = [a for a in answers if isinstance(a, tuple) and a[0] > self._version[0]]
         return max(newer, key=lambda a: a[0])[1] if newer else None
@@ -330,17 +327,15 @@ class ServiceClient:
         self._notify()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.start(coro)
 
     async def close(self) -> None:
         """Cancel this client's background tasks (watcher and failure reports)."""
         self._broken = self._broken or f"service {self.name!r} has been shut down"
-        tasks = [t for t in [self._watcher, *self._background] if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await self._background.close()
         self._notify()
 
     # ---- choosing a replica ----------------------------------------------------
@@ -382,7 +377,6 @@ class ServiceClient:
 
     async def _call(self, slot: Slot, method: str, args: tuple, kwargs: dict, all_ranks: bool) -> Any:
         """One call to one replica. Raises ``_ReplicaGone`` for infrastructure failures."""
-        load = slot.load
         if slot.free_capacity > 0 and not slot.waiters:
             slot.free_capacity -= 1  # fast path: no coroutine, no future
         else:
@@ -392,8 +386,7 @@ class ServiceClient:
                 raise _ReplicaGone(slot.ref.replica_id, "replica left the service", was_running=False)
             started = time.perf_counter()
             caller = asyncio.current_task()
-            load.in_flight += 1
-            slot.callers.add(caller)
+            slot.begin_call(caller)
             try:
                 endpoint = slot.endpoint(method)
                 if slot.ref.num_procs == 1:
@@ -424,8 +417,7 @@ class ServiceClient:
                 self._drop_slot(slot, str(e))
                 raise _ReplicaGone(slot.ref.replica_id, str(e)[:300]) from None
             finally:
-                slot.callers.discard(caller)
-                load.in_flight -= 1
+                slot.end_call(caller)
             slot.completed += 1
             slot.latencies_s.append(time.perf_counter() - started)
         finally:
@@ -541,14 +533,11 @@ class ServiceClient:
 
     async def _drained(self, slot: Slot, method: str) -> None:
         """Wait until this process's calls to a replica held out by ``rolling()`` have finished."""
-        deadline = time.monotonic() + self._options.unavailable_timeout_s
-        while slot.load.in_flight or slot.load.queued:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"service {self.name!r}: {method}.rolling(): replica {slot.ref.replica_id} still had "
-                    f"{slot.load.in_flight} call(s) in flight and {slot.load.queued} queued after "
-                    f"{self._options.unavailable_timeout_s} s (unavailable_timeout_s)")
-            await asyncio.sleep(0.005)
+        if not await slot.quiet(self._options.unavailable_timeout_s):
+            raise TimeoutError(
+                f"service {self.name!r}: {method}.rolling(): replica {slot.ref.replica_id} still had "
+                f"{slot.load.in_flight} call(s) in flight and {slot.load.queued} queued after "
+                f"{self._options.unavailable_timeout_s} s (unavailable_timeout_s)")
 
     async def _rolling_call(self, slot: Slot, method: str, args: tuple, kwargs: dict) -> Any:
         try:

@@ -33,6 +33,7 @@ from typing import Any
 
 from monarch.actor import Actor, endpoint, this_host
 
+from forge.controller.endpoints import CONTROLLER, PING, start_mesh
 from forge.controller.errors import ReplicaFailed
 from forge.controller.hosts import (
     HostRequest,
@@ -46,7 +47,8 @@ from forge.controller.hosts import (
 from forge.controller.options import PlacementOptions, ServiceOptions
 from forge.controller.provisioner import rank_env, spawn_proc_mesh, stop_quietly
 from forge.controller.service.types import Membership, ReplayedCall, ReplicaHealth, ReplicaRef, ReplicaState
-from forge.util.reaper import has_env, kill_tagged, processes_with_env
+from forge.util.procs import has_env, kill_tagged, processes_with_env
+from forge.util.tasks import Nursery
 
 logger = logging.getLogger("forge.service")
 
@@ -109,7 +111,7 @@ class ServiceController(Actor):
         self._replicas = [_Replica(i, incarnation=incarnation) for i in range(spec.placement.num_replicas)]
         self._epoch = 0
         self._self_ref: Any = None  # this controller's ActorMesh, which replicas hand to handles
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = Nursery(f"service {spec.name!r} controller")
         self._is_shut_down = False
         self._last_host_death: float | None = None
         self._replays: dict[str, ReplayedCall] = {}  # endpoint -> its latest fanout, for rebuilt replicas
@@ -128,7 +130,7 @@ class ServiceController(Actor):
             await self._adopt(adopted)
         else:
             await self._start_all()
-        self._own(asyncio.ensure_future(self._probe_loop()))
+        self._own(self._probe_loop())
         self._bump()
         return self._membership()
 
@@ -141,7 +143,8 @@ class ServiceController(Actor):
             await self._stop_all()
             replica, error = errors[0]
             raise ReplicaFailed(
-                f"service {self._spec.name!r}: replica {replica.replica_id} failed to start: {error}",
+                str(error) if isinstance(error, ReplicaFailed)  # already names the service and replica
+                else f"service {self._spec.name!r}: replica {replica.replica_id} failed to start: {error}",
                 replica.replica_id,
             )
 
@@ -159,7 +162,7 @@ class ServiceController(Actor):
         starting = [p for p in processes_with_env(SERVICE_ID_ENV, self._spec.service_id) if p not in kept]
         kill_tagged(starting, SERVICE_ID_ENV, self._spec.service_id)  # replicas the dead controller was starting
         # In the background: a replica busy with a long call answers only after it.
-        self._own(asyncio.ensure_future(self._announce([r for r in self._replicas if r.is_adopted])))
+        self._own(self._announce([r for r in self._replicas if r.is_adopted]))
         for replica in self._replicas:
             if not replica.is_adopted:
                 replica.generation = 0
@@ -171,7 +174,8 @@ class ServiceController(Actor):
         """Tell replicas which controller is theirs now; handles in other processes ask them."""
         if self._self_ref is None:
             return
-        calls = [asyncio.wait_for(r.actors._forge_controller.call((self._incarnation, self._self_ref)), _STOP_TIMEOUT_S)
+        calls = [asyncio.wait_for(getattr(r.actors, CONTROLLER).call((self._incarnation, self._self_ref)),
+                                   _STOP_TIMEOUT_S)
                  for r in replicas]
         for replica, result in zip(replicas, await asyncio.gather(*calls, return_exceptions=True)):
             if isinstance(result, BaseException):  # a dead or busy replica: the probes deal with it
@@ -213,9 +217,7 @@ class ServiceController(Actor):
         self._is_shut_down = True
         if self._spec.hosts is not None:  # meshes on a dead host stop first (see drain_s)
             await wait_for_returns(self._last_host_death, self._spec.hosts.failure_timeout_s)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         await self._stop_all()
         self._bump()
 
@@ -250,17 +252,17 @@ class ServiceController(Actor):
             replica.proc_mesh = spawn_proc_mesh(this_host(), num_procs, envs, name=f"{prefix}_procs")
         replica.actors = replica.proc_mesh.spawn(prefix, spec.actor_class, *spec.args, **spec.kwargs)
 
-        async def start_replica() -> None:
-            pids = await replica.actors._forge_ping.call()
-            replica.pids = tuple(pid for _, pid in pids.items())
+        async def tell_controller() -> None:
             if self._self_ref is not None:
-                await replica.actors._forge_controller.call((self._incarnation, self._self_ref))
-            if spec.has_setup:
-                await replica.actors.setup.call()
-            for call in list(self._replays.values()):  # catch up with the replicas that kept running
+                await getattr(replica.actors, CONTROLLER).call((self._incarnation, self._self_ref))
+
+        async def catch_up() -> None:  # with the replicas that kept running
+            for call in list(self._replays.values()):
                 await getattr(replica.actors, call.method).call(*call.args, **call.kwargs)
 
-        await asyncio.wait_for(start_replica(), spec.options.spawn_timeout_s)
+        replica.pids = await start_mesh(replica.actors, spec.has_setup, spec.options.spawn_timeout_s,
+                                        f"service {spec.name!r} replica {replica.replica_id}",
+                                        prepare=tell_controller, catch_up=catch_up)
         replica.state = ReplicaState.HEALTHY
 
     def _fail(self, replica: _Replica, reason: str) -> None:
@@ -270,7 +272,7 @@ class ServiceController(Actor):
         replica.last_failure = reason
         self._bump()
         if not self._is_shut_down:
-            self._own(asyncio.ensure_future(self._recover(replica)))
+            self._own(self._recover(replica))
 
     async def _recover(self, replica: _Replica) -> None:
         """Stop the failed replica and rebuild it, with a cool-down when it keeps failing."""
@@ -314,7 +316,7 @@ class ServiceController(Actor):
             self._last_host_death = time.monotonic()
             await release_placement(self._spec.hosts, placement, pids)
             if mesh is not None:
-                self._own(asyncio.ensure_future(self._stop_after_returns(mesh, self._last_host_death)))
+                self._own(self._stop_after_returns(mesh, self._last_host_death))
             return
         replica.proc_mesh, replica.actors, replica.pids, replica.placement = None, None, (), None
         stopped = False  # an adopted replica has no mesh of ours to stop: its pids are killed
@@ -349,10 +351,10 @@ class ServiceController(Actor):
                 if replica.state != ReplicaState.HEALTHY:
                     continue
                 if replica.is_adopted:  # Monarch tells only a mesh's owner of its death
-                    self._own(asyncio.ensure_future(self._check_adopted(replica)))
+                    self._own(self._check_adopted(replica))
                 if not replica.is_probing:
                     replica.is_probing = True
-                    self._own(asyncio.ensure_future(self._probe(replica)))
+                    self._own(self._probe(replica))
 
     async def _check_adopted(self, replica: _Replica) -> None:
         generation, pids = replica.generation, replica.pids
@@ -371,7 +373,7 @@ class ServiceController(Actor):
     async def _probe(self, replica: _Replica) -> None:
         generation, actors = replica.generation, replica.actors
         try:
-            await asyncio.wait_for(actors._forge_ping.call(), self._spec.options.health_probe_timeout_s)
+            await asyncio.wait_for(getattr(actors, PING).call(), self._spec.options.health_probe_timeout_s)
         except asyncio.TimeoutError:
             if replica.generation == generation and replica.state == ReplicaState.HEALTHY:
                 self._fail(replica, f"hung: no answer to a health probe in {self._spec.options.health_probe_timeout_s} s")
@@ -395,6 +397,5 @@ class ServiceController(Actor):
     def _bump(self) -> None:
         self._epoch += 1
 
-    def _own(self, task: asyncio.Task) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _own(self, coro: Any) -> None:
+        self._tasks.start(coro)

@@ -14,7 +14,7 @@ import statistics as stats_lib
 import weakref
 from typing import Any
 
-from forge.controller.actor import _DRAIN
+from forge.controller.endpoints import DRAIN
 from forge.controller.errors import ForgeUsageError
 from forge.controller.options import PlacementOptions, ServiceOptions
 from forge.controller.service.client import ServiceClient
@@ -136,7 +136,7 @@ class ServiceHandle:
         self._endpoints: dict[str, ServiceEndpoint] = {}
 
     def __getattr__(self, name: str) -> ServiceEndpoint:
-        if name == _DRAIN:  # built into every Forge actor
+        if name == DRAIN:  # built into every Forge actor
             return ServiceEndpoint(self, name)
         if name.startswith("_"):
             raise AttributeError(name)

@@ -31,6 +31,7 @@ class Slot:
         self.callers: set[asyncio.Task] = set()  # tasks awaiting a reply from this replica
         self.evicted: set[asyncio.Task] = set()  # callers that leave() cancelled
         self.is_gone = False
+        self._quiet: asyncio.Event | None = None  # set when no call is in flight or queued (see quiet())
         self._endpoints: dict[str, Any] = {}
         self.completed = history.completed if history else 0
         self.failed = history.failed if history else 0
@@ -60,6 +61,37 @@ class Slot:
             raise
         finally:
             self.load.queued -= 1
+            self._notify_if_quiet()
+
+    def begin_call(self, caller: asyncio.Task) -> None:
+        self.load.in_flight += 1
+        self.callers.add(caller)
+
+    def end_call(self, caller: asyncio.Task) -> None:
+        self.callers.discard(caller)
+        self.load.in_flight -= 1
+        self._notify_if_quiet()
+
+    def _notify_if_quiet(self) -> None:
+        if self._quiet is not None and not self.load.in_flight and not self.load.queued:
+            self._quiet.set()
+
+    async def quiet(self, timeout_s: float) -> bool:
+        """Wait until none of this process's calls is in flight or queued to this replica;
+        False when that took longer than ``timeout_s``."""
+        if self._quiet is None:
+            self._quiet = asyncio.Event()
+
+        async def until_quiet() -> None:
+            while self.load.in_flight or self.load.queued:
+                self._quiet.clear()
+                await self._quiet.wait()
+
+        try:
+            await asyncio.wait_for(until_quiet(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def release_capacity(self) -> None:
         while self.waiters:
