@@ -109,6 +109,9 @@ class BufferConfig:
     max_policy_age: int = 1
     max_buffer_size: int = 0
     max_resample: int = 1
+    # DAPO's dynamic sampling: a group whose rewards are all equal has advantage 0 everywhere;
+    # drop it instead of letting it dilute the batch (and skip its reference forward).
+    drop_zero_variance_groups: bool = False
 
     def __post_init__(self) -> None:
         check_int("replay_buffer.batch_size", self.batch_size, 1)
@@ -162,6 +165,7 @@ class GRPOConfig:
             raise ValueError(f"policy.engine.model={engine_model!r} differs from model={self.model!r}; "
                              "set the model once, with model=")
         self.policy.engine = dataclasses.replace(self.policy.engine, model=self.model)
+        self._tie_temperatures()
         if self.replay_buffer.batch_size % self.trainer.num_ranks:
             raise ValueError(
                 f"replay_buffer.batch_size={self.replay_buffer.batch_size} must be divisible by trainer.procs * "
@@ -170,6 +174,26 @@ class GRPOConfig:
         unknown = sorted(set(self.metrics) - {"console", "jsonl", "tensorboard", "wandb"})
         if unknown:
             raise ValueError(f"metrics: unknown backend(s) {unknown}; use console, jsonl, tensorboard, wandb")
+
+    def _tie_temperatures(self) -> None:
+        """One temperature: the sampling one, used by the loss and the reference model; and
+        dr_grpo's constant, the generation budget."""
+        sampling, loss = self.policy.sampling, self.trainer.loss
+        if sampling.temperature <= 0:
+            raise ValueError(f"policy.sampling.temperature must be > 0 for training, got {sampling.temperature}: "
+                             "GRPO learns from sampled responses (evaluation is greedy on its own)")
+        if loss.temperature not in (LossConfig.temperature, sampling.temperature):
+            raise ValueError(
+                f"trainer.loss.temperature={loss.temperature} differs from policy.sampling.temperature="
+                f"{sampling.temperature}: the trainer and the reference model must score tokens at the temperature "
+                "they were sampled at; leave trainer.loss.temperature out (it follows the sampling one)")
+        max_tokens = loss.max_tokens or (sampling.max_tokens if loss.normalization == "dr_grpo" else 0)
+        self.trainer.loss = dataclasses.replace(loss, temperature=sampling.temperature, max_tokens=max_tokens)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the run needs a reference model (a KL term: beta > 0)."""
+        return self.trainer.loss.beta > 0
 
     def _validate_placement(self) -> None:
         unknown = sorted(set(self.placement) - set(PARTS))

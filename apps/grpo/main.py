@@ -102,7 +102,8 @@ class Services:
                 "compute_advantages": self.compute_advantages}
 
     def services(self) -> dict[str, Any]:
-        return {"policy": self.policy, "ref_model": self.ref_model, "reward": self.reward}
+        parts = {"policy": self.policy, "ref_model": self.ref_model, "reward": self.reward}
+        return {name: part for name, part in parts.items() if part is not None}  # no ref_model when beta=0
 
 
 async def start_services(cfg: GRPOConfig, store: str) -> Services:
@@ -132,8 +133,10 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
             dp_size=cfg.trainer.num_ranks, max_buffer_size=cfg.replay_buffer.max_buffer_size,
             max_resample=cfg.replay_buffer.max_resample, seed=cfg.run.seed),
         ComputeAdvantages.options(procs=1, **on("compute_advantages")).as_actor(scale_by_std=cfg.scale_advantages_by_std),
-        ReferenceModel.options(procs=1, num_replicas=cfg.ref_model_replicas,
-                               with_gpus=cfg.trainer.with_gpus, **on("ref_model")).as_service(model=cfg.model_spec()),
+        ReferenceModel.options(procs=1, num_replicas=cfg.ref_model_replicas, with_gpus=cfg.trainer.with_gpus,
+                               **on("ref_model")).as_service(model=cfg.model_spec(),
+                                                             temperature=cfg.policy.sampling.temperature)
+        if cfg.uses_reference else _nothing(),
         RewardActor.options(procs=1, num_replicas=cfg.reward.num_replicas, **on("reward")).as_service(
             reward_functions=reward_fns, weights=cfg.reward.weights),
         return_exceptions=True,
@@ -145,6 +148,10 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
     return Services(*started)
 
 
+async def _nothing() -> None:
+    return None
+
+
 async def stop_services(services: Services | None) -> None:
     if services is not None:
         await _stop_parts([getattr(services, f.name) for f in dataclasses.fields(services)])
@@ -152,7 +159,7 @@ async def stop_services(services: Services | None) -> None:
 
 async def _stop_parts(parts: list[Any]) -> None:
     """Shut services and actors down concurrently, each bounded; failures are logged."""
-    stops = [ForgeActor.shutdown(p) for p in parts]  # a service handle or an actor
+    stops = [ForgeActor.shutdown(p) for p in parts if p is not None]  # a service handle or an actor
     results = await asyncio.gather(*(asyncio.wait_for(s, 15) for s in stops), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
@@ -199,13 +206,21 @@ class GRPORun:
                 self.tokens_generated += sum(len(c.token_ids) for c in completions)
                 rewards = await s.reward.evaluate_responses.route(
                     prompt=sample["question"], responses=[c.text for c in completions], target=sample["target"])
+                for reward in rewards:  # every group's, a dropped one's too: the stop criterion reads them
+                    record_metric("reward/mean", float(reward), "mean")
+                    record_metric("reward/max", float(reward), "max")
+                uniform = len(set(rewards)) == 1
+                record_metric("rollout/zero_variance_groups", float(uniform), "mean")
+                if uniform and self.cfg.replay_buffer.drop_zero_variance_groups:
+                    self.progress[f"rollout loop {index}"] = time.monotonic()
+                    continue  # advantage 0 everywhere: nothing to learn, only a diluted batch
                 prompt_ids = completions[0].prompt_ids
                 width = max(len(c.token_ids) for c in completions)
                 pad_id = self.pad_id
                 rows = [torch.cat([prompt_ids, torch.nn.functional.pad(c.token_ids, (0, width - len(c.token_ids)),
                                                                       value=pad_id)]) for c in completions]
-                ref_logprobs = await s.ref_model.forward.route(torch.stack(rows), max_req_tokens=len(prompt_ids),
-                                                               return_logprobs=True)
+                ref_logprobs = None if s.ref_model is None else await s.ref_model.forward.route(
+                    torch.stack(rows), max_req_tokens=len(prompt_ids), return_logprobs=True)
                 group = Group.new_group(f"{sample['epoch']}-{sample['index']}", len(completions), sample["request"],
                                         min(c.generator_version for c in completions), pad_id, len(prompt_ids),
                                         width, sample["target"])
@@ -215,13 +230,12 @@ class GRPORun:
                     episode.request_tokens = prompt_ids.tolist()
                     episode.response_tokens = completion.token_ids.tolist()
                     episode.response_logprobs = completion.logprobs.tolist()
-                    episode.ref_logprobs = ref_logprobs[i, : len(completion.token_ids)].tolist()
+                    episode.ref_logprobs = (None if ref_logprobs is None
+                                            else ref_logprobs[i, : len(completion.token_ids)].tolist())
                     episode.reward = float(reward)
                 advantages = await s.compute_advantages.compute.call_one(group)
                 for episode, advantage in zip(group.episodes, advantages):
                     episode.advantage = float(advantage)
-                    record_metric("reward/mean", episode.reward, "mean")
-                    record_metric("reward/max", episode.reward, "max")
                 await s.replay_buffer.add.call_one(group.episodes)
                 self.groups_made += 1
                 self.progress[f"rollout loop {index}"] = time.monotonic()

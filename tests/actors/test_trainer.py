@@ -60,10 +60,10 @@ async def test_train_step_updates_weights_and_reports_metrics():
 # entry whose gradient is near eps (1e-8), the rounding difference between reducing over
 # ranks and over one batch (~1e-10) moves the update by up to lr * 1e-2; measured 1.01e-5
 # on v_proj with lr 1e-2, deterministic on every run, at the edge of the old 1e-5 tolerance.
-@pytest.mark.parametrize("normalization", ["grpo", "dapo"])
+@pytest.mark.parametrize("normalization", ["grpo", "dapo", "dr_grpo"])
 async def test_two_fsdp_ranks_match_one_process_on_the_same_global_batch(normalization):
-    config = dict(model=MODEL, optimizer={"name": "SGD", "lr": 1.0},
-                  training={"local_batch_size": 4, "seq_len": 64}, loss={"normalization": normalization})
+    config = dict(model=MODEL, optimizer={"name": "SGD", "lr": 1.0}, training={"local_batch_size": 4, "seq_len": 64},
+                  loss={"normalization": normalization, "max_tokens": 8})
     single, double = await asyncio.gather(
         RLTrainer.options(procs=1).as_actor(**config), RLTrainer.options(procs=2).as_actor(**config)
     )
@@ -73,6 +73,11 @@ async def test_two_fsdp_ranks_match_one_process_on_the_same_global_batch(normali
             loss_1 = await single.train_step.call_one(inputs, targets)
             losses_2 = await double.train_step.call(inputs, targets)
             assert [v for _, v in losses_2.items()] == pytest.approx([loss_1] * 2, abs=1e-5)
+            # the metrics are over all ranks' tokens, not rank 0's
+            metrics_1 = await single.metrics.call_one()
+            for metrics_2 in [v for _, v in (await double.metrics.call()).items()]:
+                for key in ("entropy", "kl", "clip_fraction", "ratio_mean", "num_tokens"):
+                    assert metrics_2[key] == pytest.approx(metrics_1[key], abs=1e-5), key
         weights_1 = await single.weights.call_one()
         weights_2 = [v for _, v in (await double.weights.call()).items()][0]
         for key, value in weights_1.items():

@@ -244,7 +244,16 @@ async def test_a_local_jsonl_data_set_with_a_held_out_split_trains_and_evaluates
     out = tmp_path / "runs"
     cfg = load_config(GRPOConfig, DEFAULT_CONFIG, QUICK + [
         "run.max_steps=2", f"run.output_dir={out}", f"data.source={data}", "data.eval_split=test",
-        "data.question_field=problem", "data.answer_field=solution"])
+        "data.question_field=problem", "data.answer_field=solution",
+        # and the loss options a default run does not use: no KL term (so no reference model),
+        # sampling at T=0.7 (the loss follows it), Dr. GRPO, DAPO's dynamic sampling
+        "trainer.loss.beta=0", "policy.sampling.temperature=0.7", "trainer.loss.normalization=dr_grpo",
+        "replay_buffer.drop_zero_variance_groups=true"])
+    assert cfg.trainer.loss.temperature == 0.7 and cfg.trainer.loss.max_tokens == cfg.policy.sampling.max_tokens
     out.mkdir()
     summary = await run(cfg, out)
     assert summary["steps"] == 2 and summary["final_eval_accuracy"] is not None
+    assert not any("ref_model" in name for name in json.loads((out / "processes.json").read_text()).values())
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["trainer/ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # on-policy at T=0.7: the temperatures agree
+    assert first["trainer/kl"] == 0.0 and "rollout/zero_variance_groups" in first

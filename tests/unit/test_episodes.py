@@ -24,7 +24,6 @@ def episode(episode_id="e1", version=0, logprobs=(-0.5, -0.1), **changes):
 @pytest.mark.parametrize("changes, named", [
     ({"response_logprobs": [-0.5]}, "'bad': response_logprobs has 1 entries but response_tokens has 2"),
     ({"ref_logprobs": [-0.6, -0.2, -0.1]}, "'bad': ref_logprobs has 3 entries"),
-    ({"ref_logprobs": None}, "'bad': ref_logprobs is missing"),
     ({"ref_logprobs": torch.zeros(1, 2)}, "'bad': ref_logprobs must be 1-D.*shape \\(1, 2\\)"),
     ({"reward": None}, "'bad': reward is missing"),
     ({"advantage": None}, "'bad': advantage is missing"),

@@ -80,3 +80,18 @@ def test_the_cli_reports_a_bad_config_and_spawns_nothing(capsys, tmp_path):
     assert main([f"run.output_dir={tmp_path}", "group_size=1"]) == 2
     assert "group_size" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_temperature_the_sampling_one_reaches_the_loss_and_a_different_one_is_refused():
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, ["policy.sampling.temperature=0.7"])
+    assert cfg.trainer.loss.temperature == 0.7
+    with pytest.raises(ValueError, match="trainer.loss.temperature=0.5 differs from policy.sampling.temperature=0.7"):
+        load_config(GRPOConfig, DEFAULT_CONFIG, ["policy.sampling.temperature=0.7", "trainer.loss.temperature=0.5"])
+    with pytest.raises(ValueError, match="temperature must be > 0 for training"):
+        load_config(GRPOConfig, DEFAULT_CONFIG, ["policy.sampling.temperature=0"])
+
+
+def test_dr_grpo_takes_the_generation_budget_and_beta_zero_needs_no_reference_model():
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, ["trainer.loss.normalization=dr_grpo", "trainer.loss.beta=0"])
+    assert cfg.trainer.loss.max_tokens == cfg.policy.sampling.max_tokens == 3
+    assert not cfg.uses_reference and load_config(GRPOConfig, DEFAULT_CONFIG, []).uses_reference

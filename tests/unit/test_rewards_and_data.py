@@ -11,13 +11,32 @@ from forge.data.datasets import ArithmeticTask, PromptSource, gsm8k_target, load
 from forge.data.rewards import MathReward, ThinkingReward, extract_answer
 
 
-@pytest.mark.parametrize(
-    "response, expected",
-    [("The answer is 42", 42), ("<answer>17</answer> then 3", 17), ("so #### 1,234", 1234),
-     ("\\boxed{7} and 8", 7), ("-3", -3), ("2.5 apples", 2.5), ("no number", None)],
-)
-def test_answers_are_extracted_from_tags_hashes_boxed_or_the_last_number(response, expected):
-    assert extract_answer(response) == expected
+ANSWERS = [  # (text, the answer extracted from it)
+    ("The answer is 42", 42), ("42", 42), ("no number", None), ("", None),
+    ("-3", -3), ("2.5 apples", 2.5), (".5", 0.5), ("0.25", 0.25), ("3.", 3), ("answer: 3.", 3),
+    ("1,234", 1234), ("$1,000,000.50", 1000000.5), ("1,2,3", 3), ("12,34", 34), ("(3,4)", 4),
+    ("1e3", 1000), ("x = -2.5e-3", -0.0025), ("6.02E23", 6.02e23),
+    ("\u22125", -5), ("it is \u22120.5", -0.5), ("10-3", 3), ("5-(-3)=8", 8), ("temperature -5 degrees", -5),
+    ("x-4", 4), ("a)-4", 4), ("+7", 7),
+    ("3/4", 0.75), ("-3/4", -0.75), ("1 / 8", 0.125), ("1/0", None),
+    ("\\frac{3}{4}", 0.75), ("\\dfrac{1}{8}", 0.125), ("\\tfrac{-6}{3}", -2),
+    ("\\boxed{7} and 8", 7), ("\\boxed{\\frac{1}{2}}", 0.5), ("\\boxed{-\\dfrac{3}{4}}", -0.75),
+    ("so \\boxed{1,000} dollars, not 5", 1000), ("\\boxed{x} then 9", 9),
+    ("<answer>17</answer> then 3", 17), ("<answer>I don't know</answer> step 17", None),
+    ("<answer></answer> 5", None), ("<answer>1</answer><answer>2</answer>", 2), ("<answer> 3/4 </answer>", 0.75),
+    ("so #### 1,234", 1234), ("#### 72\nthe end 5", 72), ("#### none 5", 5),
+    ("15% of 240 is 36", 36), ("ratio 2:3 so 3", 3),
+]
+
+
+@pytest.mark.parametrize("text, expected", ANSWERS)
+def test_answers_are_extracted_from_tags_hashes_boxed_or_the_last_number(text, expected):
+    found = extract_answer(text)
+    assert found == (pytest.approx(expected) if expected is not None else None), text
+
+
+def test_there_are_at_least_forty_extraction_cases():
+    assert len(ANSWERS) >= 40
 
 
 def test_math_reward_compares_numerically_with_documented_partial_credit():
@@ -27,14 +46,24 @@ def test_math_reward_compares_numerically_with_documented_partial_credit():
     assert reward("q", "36 or 37", "36") == 0.0
     assert MathReward(partial_credit=0.25)("q", "36 or 37", "36") == 0.25
     assert reward("q", "anything", "not a number") == 0.0
+    assert reward("q", "it is 0.75", "3/4") == 1.0  # a fraction target
+    assert reward("q", "\\boxed{\\frac{3}{4}}", "0.75") == 1.0
+    assert reward("q", "1234567.0000001", "1,234,567") == 1.0  # relative tolerance for large numbers
+    assert reward("q", "<answer>unsure</answer> 36", "36") == 0.0
 
 
-def test_thinking_reward_scores_a_think_block():
+def test_thinking_reward_scores_a_think_block_before_the_answer():
     reward = ThinkingReward()
     assert reward("q", "<think>add them</think> 4", "4") == 1.0
-    assert reward("q", "<think></think> 4", "4") == 0.5
+    assert reward("q", "<think></think> 4", "4") == 0.5  # empty
     assert reward("q", "<think>unclosed 4", "4") == 0.5
+    assert reward("q", "4 <think>x</think>", "4") == 0.5  # the answer came first
+    assert reward("q", "<think>x</think>", "4") == 0.5  # no answer after it
+    assert reward("q", "<think>a</think><think>b</think> 4", "4") == 0.5  # two blocks
     assert reward("q", "4", "4") == 0.0
+    # a chat template that opens the block in the prompt: the response starts inside it
+    assert reward("user: 2+2\nassistant: <think>", "add them</think> 4", "4") == 1.0
+    assert reward("user: 2+2\nassistant: <think>", "</think> 4", "4") == 0.5
 
 
 def test_the_embedded_task_has_single_digit_answers_and_a_random_policy_scores_low():

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 RECENT_IDS = 1024  # ids of the latest sampled episodes kept in memory and in checkpoints
 
 
-_REQUIRED = ("policy_version", "pad_id", "request_tokens", "response_tokens", "ref_logprobs", "advantage")
+_REQUIRED = ("policy_version", "pad_id", "request_tokens", "response_tokens", "advantage")
 
 
 def _length(values: Any) -> int:
@@ -84,16 +84,18 @@ def check_episode(episode: Any) -> None:
     response = len(episode.response_tokens)
     if response == 0:
         raise ValueError(f"{name}: response_tokens is empty; an episode needs at least one response token")
-    for attribute, may_be_empty in (("response_logprobs", True), ("ref_logprobs", False)):
+    for attribute, when_none in (("response_logprobs", " (or none: trained as on-policy)"),
+                                 ("ref_logprobs", " (or None: no reference, for a loss with beta=0)")):
         values = getattr(episode, attribute, None)
+        if values is None:
+            continue
         try:
-            length = 0 if values is None else _length(values)
+            length = _length(values)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{name}: {attribute} {e}") from None
-        if length != response and not (may_be_empty and length == 0):
-            empty = " (or none: trained as on-policy)" if may_be_empty else ""
+        if length != response and not (attribute == "response_logprobs" and length == 0):
             raise ValueError(f"{name}: {attribute} has {length} entries but response_tokens has {response}; "
-                             f"give one logprob per response token{empty}")
+                             f"give one logprob per response token{when_none}")
 
 
 def _behaviour(episode: Any) -> Any:
@@ -239,7 +241,7 @@ class EpisodeBuffer:
     @staticmethod
     def _collate(episodes: list[Any]) -> Any:
         return collate([e.request_tokens for e in episodes], [e.response_tokens for e in episodes],
-                       [_behaviour(e) for e in episodes], [e.ref_logprobs for e in episodes],
+                       [_behaviour(e) for e in episodes], [getattr(e, "ref_logprobs", None) for e in episodes],
                        [float(e.advantage) for e in episodes], episodes[0].pad_id)
 
     def clear(self) -> None:

@@ -151,7 +151,7 @@ class RLTrainer(ForgeActor):
         ModelSpec.parse(model).path()
         build(OptimizerConfig, optimizer, "optimizer")
         build(TrainingConfig, training, "training")
-        build(LossConfig, loss, "loss")
+        build(LossConfig, loss, "loss").check_complete()
         build(LRSchedulerConfig, lr_scheduler, "lr_scheduler")
         build(CheckpointConfig, checkpoint, "checkpoint")
         WeightStore.resolve(weight_store)
@@ -228,10 +228,10 @@ class RLTrainer(ForgeActor):
         logp = sequence_logprobs(logits, tokens.to(device), cfg.temperature)  # [B, L]
         behaviour, fallback_tokens = self._behaviour_logprobs(local_tg, logp, mask)
         loss, metrics = grpo_loss(
-            logp, behaviour, local_tg.ref_logprobs.to(device),
+            logp, behaviour, self._reference_logprobs(local_tg, logp),
             local_tg.advantages.to(device), mask, cfg, token_normalizer=normalizer,
         )
-        metrics["behaviour_fallback_tokens"] = self._global(fallback_tokens)
+        metrics["behaviour_fallback_tokens"] = fallback_tokens
         loss.backward()
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.training.max_norm)
@@ -242,20 +242,44 @@ class RLTrainer(ForgeActor):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            probs = torch.softmax(logits[:, :-1].float(), -1)
+        with torch.no_grad():  # at the sampling temperature, the distribution the policy samples from
+            probs = torch.softmax(logits[:, :-1].float() / cfg.temperature, -1)
             entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
-            entropy = float((entropy * mask[:, 1:]).sum() / mask[:, 1:].sum().clamp(min=1))
+            metrics["entropy"] = float((entropy * mask[:, 1:]).sum() / mask[:, 1:].sum().clamp(min=1))
         # Each rank's loss is its share of the global loss times world_size (see the normalizer).
         global_loss = self._global(float(loss.detach())) / self.world_size
         self.state.step += 1
         self.state.metrics = {
-            "loss": global_loss, "grad_norm": float(grad_norm), "entropy": entropy,
-            "lr": self.scheduler.get_last_lr()[0], "step_time_s": time.monotonic() - started, **metrics,
+            "loss": global_loss, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+            "step_time_s": time.monotonic() - started, **self._over_all_ranks(metrics),
         }
         if self.checkpointing.interval and self.state.step % self.checkpointing.interval == 0:
             self._save_checkpoint()
         return global_loss
+
+    def _over_all_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Per-token metrics averaged over every rank's tokens; counts summed."""
+        if self.world_size == 1:
+            return metrics
+        counts = ("num_tokens", "behaviour_fallback_tokens")
+        names = sorted(metrics)
+        tokens = metrics["num_tokens"]
+        values = torch.tensor([metrics[n] if n in counts else metrics[n] * tokens for n in names] + [tokens],
+                              dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        total = float(values[-1]) or 1.0
+        return {n: float(v) if n in counts else float(v) / total for n, v in zip(names, values[:-1])}
+
+    def _reference_logprobs(self, targets: TrainTargets, logp: torch.Tensor) -> torch.Tensor:
+        """The reference logprobs; rows without them take the trainer's own (no KL), with beta=0 only."""
+        reference = targets.ref_logprobs.to(logp.device)
+        missing = targets.missing_reference().to(logp.device)
+        if not bool(missing.any()):
+            return reference
+        if self.loss_config.beta > 0:
+            raise ValueError(f"{int(missing.sum())} episode(s) came without ref_logprobs, but the loss has a KL "
+                             f"term (beta={self.loss_config.beta}); give them reference logprobs or set loss beta=0")
+        return torch.where(missing[:, None], logp.detach(), reference)
 
     def _behaviour_logprobs(self, targets: TrainTargets, logp: torch.Tensor,
                             mask: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -7,7 +7,9 @@ exactly on response tokens, so prompt and padding never contribute to the loss.
 
 An episode given without behaviour logprobs (an empty list) has
 ``has_behaviour[i] = False`` and zeros in its row: the trainer treats it as on-policy,
-using its own detached logprobs there (ratio 1).
+using its own detached logprobs there (ratio 1). One without reference logprobs (None,
+when the loss has no KL term) has ``has_reference[i] = False``; the trainer accepts such
+rows only with ``beta = 0``.
 """
 
 from __future__ import annotations
@@ -33,24 +35,34 @@ class TrainTargets:
     behaviour_logprobs: torch.Tensor  # [B, L] float, generator's logprobs (0 off the response)
     ref_logprobs: torch.Tensor  # [B, L] float, reference model's logprobs (0 off the response)
     has_behaviour: torch.Tensor | None = None  # [B] bool, False where none were given; None: all given
+    has_reference: torch.Tensor | None = None  # [B] bool, False where none were given; None: all given
 
     def select(self, rows: slice) -> "TrainTargets":
+        def part(flags: torch.Tensor | None) -> torch.Tensor | None:
+            return None if flags is None else flags[rows]
+
         return TrainTargets(self.response_mask[rows], self.advantages[rows], self.behaviour_logprobs[rows],
-                            self.ref_logprobs[rows],
-                            None if self.has_behaviour is None else self.has_behaviour[rows])
+                            self.ref_logprobs[rows], part(self.has_behaviour), part(self.has_reference))
+
+    def _missing(self, flags: torch.Tensor | None) -> torch.Tensor:
+        if flags is None:
+            return torch.zeros(self.advantages.shape[0], dtype=torch.bool)
+        return ~flags
 
     def missing_behaviour(self) -> torch.Tensor:
         """[B] bool: rows to be trained as on-policy (no behaviour logprobs were given)."""
-        if self.has_behaviour is None:
-            return torch.zeros(self.advantages.shape[0], dtype=torch.bool)
-        return ~self.has_behaviour
+        return self._missing(self.has_behaviour)
+
+    def missing_reference(self) -> torch.Tensor:
+        """[B] bool: rows without reference logprobs (trainable only without a KL term)."""
+        return self._missing(self.has_reference)
 
 
 def collate(
     prompts: list[list[int]],
     responses: list[list[int]],
     behaviour_logprobs: list[list[float]],  # an empty one: none given (trained as on-policy)
-    ref_logprobs: list[list[float]],
+    ref_logprobs: list[list[float] | None],  # None: no reference (a loss without KL term)
     advantages: list[float],
     pad_id: int,
 ) -> tuple[TrainInputs, TrainTargets]:
@@ -63,6 +75,7 @@ def collate(
     behaviour = torch.zeros(batch, width)
     ref = torch.zeros(batch, width)
     has_behaviour = torch.tensor([len(b) > 0 for b in behaviour_logprobs], dtype=torch.bool)
+    has_reference = torch.tensor([r is not None for r in ref_logprobs], dtype=torch.bool)
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         start, end = len(prompt), len(prompt) + len(response)
         tokens[i, :end] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
@@ -70,7 +83,9 @@ def collate(
         mask[i, start:end] = 1
         if has_behaviour[i]:
             behaviour[i, start:end] = torch.as_tensor(behaviour_logprobs[i], dtype=torch.float32)
-        ref[i, start:end] = torch.as_tensor(ref_logprobs[i], dtype=torch.float32)
+        if has_reference[i]:
+            ref[i, start:end] = torch.as_tensor(ref_logprobs[i], dtype=torch.float32)
     return (TrainInputs(tokens, attention),
             TrainTargets(mask, torch.tensor(advantages, dtype=torch.float32), behaviour, ref,
-                         None if bool(has_behaviour.all()) else has_behaviour))
+                         None if bool(has_behaviour.all()) else has_behaviour,
+                         None if bool(has_reference.all()) else has_reference))
