@@ -30,7 +30,8 @@ from forge.losses import grpo_loss, sequence_logprobs
 from forge.models import load_model, load_tokenizer
 from forge.util.config import load_config
 
-OVERRIDES = ["run.eval_every=0", "run.checkpoint_every=0", "metrics=[jsonl]"]
+# The one-process loop keeps every group, so the app does too here (same algorithm, same work).
+OVERRIDES = ["run.eval_every=0", "run.checkpoint_every=0", "metrics=[jsonl]", "replay_buffer.drop_zero_variance_groups=false"]
 
 
 def single_process(cfg: GRPOConfig) -> dict:

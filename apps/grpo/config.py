@@ -110,8 +110,11 @@ class BufferConfig:
     max_buffer_size: int = 0
     max_resample: int = 1
     # DAPO's dynamic sampling: a group whose rewards are all equal has advantage 0 everywhere;
-    # drop it instead of letting it dilute the batch (and skip its reference forward).
-    drop_zero_variance_groups: bool = False
+    # drop it instead of letting it dilute the batch (and skip its reference forward). On the
+    # default run (3 seeds each) it halved the steps to the target (86 vs 176 on average),
+    # took about as long (87 vs 93 s) and ended with a higher greedy accuracy (0.96-0.98 vs
+    # 0.93-0.95).
+    drop_zero_variance_groups: bool = True
 
     def __post_init__(self) -> None:
         check_int("replay_buffer.batch_size", self.batch_size, 1)
