@@ -37,6 +37,17 @@ def monarch_descendants(root: int | None = None) -> list[int]:
     return [pid for pid in descendants(os.getpid() if root is None else root) if _is_monarch(pid)]
 
 
+def interruptible() -> None:
+    """``preexec_fn`` for a child a test sends SIGINT (Ctrl-C) to: SIGINT at its default.
+
+    A test session started in the background by a non-interactive shell (``cmd &``) runs
+    with SIGINT ignored, and children inherit that, so a Ctrl-C test would see its child
+    ignore the signal. The child is given the disposition of an interactive terminal."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_until(condition, timeout_s: float, interval_s: float = 0.05) -> bool:
     """Poll ``condition`` until it is true or ``timeout_s`` passes; returns its last value."""
     deadline = time.monotonic() + timeout_s

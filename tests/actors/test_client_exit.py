@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import monarch_procs_with_env, wait_until
+from tests.helpers import interruptible, monarch_procs_with_env, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -20,7 +20,7 @@ def start_client(tag: str) -> subprocess.Popen:
     env = dict(os.environ, FORGE_TEST_TAG=tag, PYTHONPATH=str(ROOT))
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.actors.client_script"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=interruptible,
     )
     line = process.stdout.readline()
     assert line.strip() == "READY", f"client did not start: {line!r}"

@@ -18,7 +18,7 @@ from apps.grpo.main import DEFAULT_CONFIG, run
 from forge.util.config import load_config
 from forge.util.failpoints import ENV as FAILPOINTS_ENV
 from forge.util.failpoints import arm, claimed_by
-from tests.helpers import monarch_procs_with_env, procs_with_env, wait_until
+from tests.helpers import interruptible, monarch_procs_with_env, procs_with_env, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["group_size=4", "replay_buffer.batch_size=16", "trainer.training.local_batch_size=16",
@@ -51,7 +51,7 @@ async def test_a_few_steps_of_the_real_pipeline_write_metrics_curves_and_summary
 def start_app(tmp_path: Path, tag: str, *args: str, env: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ, FORGE_TEST_TAG=tag, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.Popen([sys.executable, "-m", "apps.grpo.main", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -148,7 +148,7 @@ def test_ctrl_c_a_dead_or_hung_trainer_or_a_dead_registry_end_the_run_quickly_an
             assert app.returncode == 1 and "no training step finished in" in err, err[-3000:]
             assert "training loop (last step" in err and "s.trainer." in err, err[-3000:]  # it names the call it waits on
         else:
-            assert app.returncode == 1 and "trainer" in err and "died" in err
+            assert app.returncode == 1 and "trainer" in err and "died" in err, err[-3000:]
 
 
 @pytest.mark.timeout(300)
