@@ -138,13 +138,17 @@ class EpisodeBuffer:
         self._unwritten_ids: list[str] = []  # an old checkpoint's id list, until the file is named
 
     def add(self, episode: Any) -> None:
-        check_episode(episode)
-        self.episodes.append(episode)
-        self.uses[id(episode)] = 0
-        if self.max_buffer_size and len(self.episodes) > self.max_buffer_size:
-            oldest = self.episodes.pop(0)  # drop the oldest when full
-            self.uses.pop(id(oldest), None)
-            self.num_evicted += 1
+        """Add one episode, or a list of them: every one is checked before any is added."""
+        items = list(episode) if isinstance(episode, (list, tuple)) else [episode]
+        for item in items:
+            check_episode(item)
+        for item in items:
+            self.episodes.append(item)
+            self.uses[id(item)] = 0
+            if self.max_buffer_size and len(self.episodes) > self.max_buffer_size:
+                oldest = self.episodes.pop(0)  # drop the oldest when full
+                self.uses.pop(id(oldest), None)
+                self.num_evicted += 1
 
     def evict(self, curr_policy_version: int) -> int:
         keep = [e for e in self.episodes if curr_policy_version - e.policy_version <= self.max_policy_age]
@@ -297,9 +301,7 @@ class ReplayBuffer(ForgeActor):
     async def add(self, episode: Any) -> None:
         """Add one episode, or a list of them (a whole group in one message); a malformed one
         is refused with a ``ValueError`` (see the module docstring)."""
-        check_episodes(episode)  # all of a list, before any of it is added
-        for item in episode if isinstance(episode, (list, tuple)) else [episode]:
-            self.buffer.add(item)
+        self.buffer.add(episode)  # checks all of a list before any of it is added
 
     @endpoint
     async def sample(self, curr_policy_version: int, batch_size: int | None = None) -> Any:
