@@ -38,8 +38,8 @@ def single_process(cfg: GRPOConfig) -> dict:
     """The same GRPO loop with no actors: one process, synchronous, on-policy."""
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    policy, reference, generator = load_model(cfg.model), load_model(cfg.model), load_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model.path)
+    policy, reference, generator = load_model(cfg.model.path), load_model(cfg.model.path), load_model(cfg.model.path)
     reference.requires_grad_(False)
     engine = NativeEngine(generator, (tokenizer.eos_token_id,), cfg.engine_config())
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.trainer.optimizer.lr)

@@ -22,7 +22,7 @@ def run_variant(variant: str, batch: int, length: int, chunk: int) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from forge.actors.reference_model import chunked_logprobs
+    from forge.losses import response_logprobs
 
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
@@ -31,10 +31,10 @@ def run_variant(variant: str, batch: int, length: int, chunk: int) -> dict:
     ids = torch.randint(0, VOCAB, (batch, length))
     start = length // 2
     with torch.inference_mode():
-        chunked_logprobs(model, ids[:, :8], 4, 2)  # warm up allocator and kernels
+        response_logprobs(model, ids[:, :8], 4, 2)  # warm up allocator and kernels
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if variant == "chunked":
-            out = chunked_logprobs(model, ids, start, chunk)
+            out = response_logprobs(model, ids, start, chunk)
         else:
             logits = model(ids).logits.float()  # [B, L, V] fp32 at once
             out = torch.log_softmax(logits[:, start - 1 : -1], -1).gather(2, ids[:, start:, None])[..., 0]
@@ -51,7 +51,7 @@ def main(batch: int, length: int, chunk: int) -> None:
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(results["full"]["checksum"] - results["chunked"]["checksum"]) < 1e-2 * abs(results["full"]["checksum"])
     logits_mb = batch * length * VOCAB * 4 / 2**20
-    chunk_mb = batch * chunk * VOCAB * 4 / 2**20
+    chunk_mb = chunk * VOCAB * 4 / 2**20
     print(f"\nB={batch}, L={length}, V={VOCAB}, chunk={chunk}: full fp32 logits are {logits_mb:.0f} MB, "
           f"one chunk {chunk_mb:.0f} MB\n")
     print("| variant | peak extra RSS (MB) | ratio |")
@@ -65,7 +65,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:

@@ -34,6 +34,9 @@ class RunConfig:
     eval_every: int = 25  # 0: no evaluation
     checkpoint_every: int = 50  # 0: no checkpoints
     keep_checkpoints: int = 2
+    # The policy as a Hugging Face directory: "final" (<run_dir>/final_model at the end),
+    # "checkpoints" (also checkpoints/hf-<step> with each checkpoint) or "none".
+    export: str = "final"
     rollout_tasks: int = 4
     weight_update: str = "fanout"  # "fanout" or "rolling"
 
@@ -48,6 +51,7 @@ class RunConfig:
         if self.target_reward is not None:
             check_positive("run.target_reward", self.target_reward)
         check_choice("run.weight_update", self.weight_update, ("fanout", "rolling"))
+        check_choice("run.export", self.export, ("final", "checkpoints", "none"))
 
 
 @dataclass
@@ -138,13 +142,26 @@ class RewardConfig:
         check_int("reward.num_replicas", self.num_replicas, 1)
 
 
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # preset, local HF directory, or hf://org/name in the local cache
+    # float32 or bfloat16, for every part: the generator's weights, the reference model's, and
+    # the trainer's forward and backward (its master weights and optimizer state stay fp32).
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"model.path must be a preset name, a local directory or hf://org/name, got {self.path!r}")
+        check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+
+
 # The parts of the GRPO app, as ``placement:`` names them.
 PARTS = ("dataloader", "policy", "trainer", "replay_buffer", "compute_advantages", "ref_model", "reward")
 
 
 @dataclass
 class GRPOConfig:
-    model: str = "tiny"  # preset, local HF directory, or hf://org/name in the local cache
+    model: ModelConfig | str = field(default_factory=ModelConfig)  # a string: model.path, in float32
     group_size: int = 8
     scale_advantages_by_std: bool = True  # False: Dr. GRPO's (r - mean)
     run: RunConfig = field(default_factory=RunConfig)
@@ -163,20 +180,35 @@ class GRPOConfig:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (GRPO compares samples of one prompt), got {self.group_size}")
         check_int("ref_model_replicas", self.ref_model_replicas, 1)
-        engine_model = self.policy.engine.model
-        if engine_model not in (EngineConfig.model, self.model):
-            raise ValueError(f"policy.engine.model={engine_model!r} differs from model={self.model!r}; "
-                             "set the model once, with model=")
-        self.policy.engine = dataclasses.replace(self.policy.engine, model=self.model)
+        if isinstance(self.model, str):
+            self.model = ModelConfig(path=self.model)
+        self._tie_engine_to_model()
         self._tie_temperatures()
         if self.replay_buffer.batch_size % self.trainer.num_ranks:
             raise ValueError(
                 f"replay_buffer.batch_size={self.replay_buffer.batch_size} must be divisible by trainer.procs * "
                 f"trainer.hosts = {self.trainer.num_ranks} (each data-parallel rank trains on an equal share)")
+        share, local = self.replay_buffer.batch_size // self.trainer.num_ranks, self.trainer.training.local_batch_size
+        if share > local:
+            raise ValueError(
+                f"each trainer rank gets replay_buffer.batch_size / ranks = {share} sequences but "
+                f"trainer.training.local_batch_size={local}; raise local_batch_size to {share} (set "
+                "trainer.training.max_tokens_per_microbatch to bound memory) or lower the batch size")
         self._validate_placement()
         unknown = sorted(set(self.metrics) - {"console", "jsonl", "tensorboard", "wandb"})
         if unknown:
             raise ValueError(f"metrics: unknown backend(s) {unknown}; use console, jsonl, tensorboard, wandb")
+
+    def _tie_engine_to_model(self) -> None:
+        """The generator serves ``model.path`` in ``model.dtype``: set once, at the top."""
+        engine, model = self.policy.engine, self.model
+        if engine.model not in (EngineConfig.model, model.path):
+            raise ValueError(f"policy.engine.model={engine.model!r} differs from model.path={model.path!r}; "
+                             "set the model once, with model.path")
+        if engine.dtype not in (EngineConfig.dtype, model.dtype):
+            raise ValueError(f"policy.engine.dtype={engine.dtype!r} differs from model.dtype={model.dtype!r}; the "
+                             "generator, reference and trainer compute in one dtype: set it once, with model.dtype")
+        self.policy.engine = dataclasses.replace(engine, model=model.path, dtype=model.dtype)
 
     def _tie_temperatures(self) -> None:
         """One temperature: the sampling one, used by the loss and the reference model; and
@@ -226,6 +258,6 @@ class GRPOConfig:
     def model_spec(self) -> dict[str, str]:
         from forge.models import PRESETS
 
-        if self.model in PRESETS:
-            return {"name": "qwen3", "flavor": self.model}
-        return {"name": "hf", "flavor": "custom", "hf_assets_path": self.model}
+        if self.model.path in PRESETS:
+            return {"name": "qwen3", "flavor": self.model.path, "dtype": self.model.dtype}
+        return {"name": "hf", "flavor": "custom", "hf_assets_path": self.model.path, "dtype": self.model.dtype}

@@ -116,7 +116,7 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
 
     started = await asyncio.gather(
         DatasetActor.options(procs=1, **on("dataloader")).as_actor(
-            path=data.source, data_split=data.split, model=cfg.model, question_field=data.question_field,
+            path=data.source, data_split=data.split, model=cfg.model.path, question_field=data.question_field,
             answer_field=data.answer_field, seed=cfg.run.seed, use_chat_template=data.use_chat_template,
             system_prompt=data.system_prompt, max_operand=data.max_operand, max_sum=data.max_sum,
             eval_split=data.eval_split),
@@ -352,7 +352,7 @@ class GRPORun:
         await self.quiesce()
         try:
             folder = self.run_dir / "checkpoints"
-            trainer_path = folder / f"trainer-{self.step:08d}.pt"
+            trainer_path = folder / f"trainer-{self.step:08d}"
             await self.s.trainer.save_checkpoint_to.call(str(trainer_path))
             state = {
                 "step": self.step, "version": self.version, "rewards": self.rewards.state_dict(),
@@ -360,8 +360,10 @@ class GRPORun:
                 "data": await self.s.dataloader.state_dict.call_one(),
                 "trainer": str(trainer_path.name),
             }
+            if self.cfg.run.export == "checkpoints":
+                await self.s.trainer.export_hf.call(str(folder / f"hf-{self.step:08d}"))
             save_atomically(state, folder / f"app-{self.step:08d}.pt")
-            for prefix in ("app", "trainer"):
+            for prefix in ("app", "trainer", "hf"):
                 prune_checkpoints(folder, self.cfg.run.keep_checkpoints, prefix)
         finally:
             self.gate.set()
@@ -474,7 +476,7 @@ async def _prepare_run(cfg: GRPOConfig, run_dir: Path, services: Services, resum
     from forge.models import load_tokenizer
 
     eval_rows = await services.dataloader.eval_rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else []
-    grpo = GRPORun(cfg, run_dir, services, load_tokenizer(cfg.model).pad_token_id or 0, eval_rows)
+    grpo = GRPORun(cfg, run_dir, services, load_tokenizer(cfg.model.path).pad_token_id or 0, eval_rows)
     if resume:
         await grpo.restore(run_dir)
     else:  # the generators start from exactly the trainer's weights, version 0
@@ -511,6 +513,9 @@ async def _finish(grpo: GRPORun, log: RunLogger, reason: str, started: float, st
     grpo.stopping = True
     grpo.gate.set()
     final_accuracy = await grpo.final_evaluation() if grpo.eval_rows else None
+    final_model = str(run_dir / "final_model") if grpo.cfg.run.export != "none" else None
+    if final_model:  # a directory transformers, vLLM and Policy load
+        await services.trainer.export_hf.call(final_model)
     episodes_trained = await asyncio.wait_for(services.replay_buffer.num_sampled.call_one(), 60)
     ids_file = run_dir / "trained_episodes.txt"
     written = write_sampled_ids_json(ids_file, run_dir / "trained_episodes.json")
@@ -519,7 +524,8 @@ async def _finish(grpo: GRPORun, log: RunLogger, reason: str, started: float, st
     summary = {"reason": reason, "steps": grpo.step, "wall_s": time.monotonic() - started,
                "startup_s": startup_s, "final_mean_reward": grpo.rewards.mean(),
                "best_mean_reward": grpo.rewards.best_mean,
-               "final_eval_accuracy": final_accuracy, "episodes_trained": episodes_trained}
+               "final_eval_accuracy": final_accuracy, "episodes_trained": episodes_trained,
+               "final_model": final_model}
     log.close()
     history = log.full_history()  # metrics.jsonl: every step, those before a resume too
     if final_accuracy is not None:
@@ -591,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
           f"mean reward {summary['final_mean_reward']:.3f}; eval accuracy "
           f"{summary['final_eval_accuracy'] if summary['final_eval_accuracy'] is None else round(summary['final_eval_accuracy'], 3)}")
     print(f"curves: {summary['plot']}\nmetrics: {run_dir / 'metrics.jsonl'}")
+    if summary["final_model"]:
+        print(f"model (Hugging Face format): {summary['final_model']}")
     return 0
 
 

@@ -229,12 +229,17 @@ async def test_policy_and_trainer_on_different_hosts_sync_weights_across_hosts(t
 async def test_data_parallel_trainer_replicated_policy_and_rolling_updates_in_the_app(tmp_path):
     cfg = load_config(GRPOConfig, DEFAULT_CONFIG, QUICK + [
         "run.max_steps=3", f"run.output_dir={tmp_path}", "trainer.procs=2", "policy.num_replicas=2",
-        "run.weight_update=rolling", "run.checkpoint_every=2"])
+        "run.weight_update=rolling", "run.checkpoint_every=2", "run.export=checkpoints"])
     summary = await run(cfg, tmp_path)
     assert summary["steps"] == 3
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["policy/healthy_replicas"] == 2 and lines[-1]["policy/version"] == 3
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["app-00000002.pt", "trainer-00000002.pt"]
+    # the trainer's checkpoint is sharded (one file per rank); the export is a Hugging Face directory
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "app-00000002.pt", "hf-00000002", "trainer-00000002"]
+    assert {"rank-0.pt", "rank-1.pt", ".metadata"} <= {p.name for p in (tmp_path / "checkpoints/trainer-00000002").iterdir()}
+    assert summary["final_model"] == str(tmp_path / "final_model")
+    assert (tmp_path / "final_model" / "model.safetensors").is_file()
 
 
 @pytest.mark.timeout(300)

@@ -60,6 +60,14 @@ BAD = [
     (["surprise=1"], "surprise"),
     (["run"], "key=value"),
     (["hosts={source:process_job,groups:{gen:1}}"], "not valid YAML.*a space after each colon"),
+    (["model.dtype=float16"], "model.dtype"),
+    (["model.path=''"], "model.path"),
+    (["model.bogus=1"], r"config.model: unknown field\(s\) \['bogus'\]"),
+    (["policy.engine.dtype=bfloat16"], "set it once, with model.dtype"),
+    (["trainer.training.local_batch_size=64"], "raise local_batch_size to 128"),
+    (["trainer.training.max_tokens_per_microbatch=-1"], "training max_tokens_per_microbatch"),
+    (["trainer.training.activation_checkpointing=2"], "activation_checkpointing"),
+    (["run.export=zip"], "run.export"),
 ]
 
 
@@ -71,9 +79,17 @@ def test_bad_configs_are_rejected_with_the_field_named(overrides, named):
 
 def test_the_shipped_configs_parse():
     default = load_config(GRPOConfig, DEFAULT_CONFIG, [])
-    assert default.model == "tiny" and default.sampling_config().n == default.group_size
+    assert default.model.path == "tiny" and default.sampling_config().n == default.group_size
     gpu = load_config(GRPOConfig, DEFAULT_CONFIG.with_name("qwen3_1_7b_gsm8k.yaml"), [])
     assert gpu.policy.with_gpus and gpu.model_spec()["hf_assets_path"] == "hf://Qwen/Qwen3-1.7B"
+    assert gpu.engine_config().dtype == gpu.model_spec()["dtype"] == "bfloat16"
+
+
+def test_one_model_dtype_reaches_generator_reference_and_trainer_and_a_string_is_a_path():
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, ["model={path: tiny, dtype: bfloat16}"])
+    assert cfg.engine_config().dtype == cfg.model_spec()["dtype"] == "bfloat16"
+    short = load_config(GRPOConfig, DEFAULT_CONFIG, ["model=tiny"])
+    assert (short.model.path, short.model.dtype, short.engine_config().model) == ("tiny", "float32", "tiny")
 
 
 def test_the_cli_reports_a_bad_config_and_spawns_nothing(capsys, tmp_path):

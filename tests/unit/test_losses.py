@@ -155,7 +155,7 @@ def test_dr_grpo_gives_a_sequence_the_same_loss_whatever_its_batch_mates():
 def test_on_policy_at_a_sampling_temperature_the_ratio_is_one_and_the_kl_zero():
     """One temperature end to end: sample at T=0.7, score with the trainer's and the reference's
     code at the same T (the GRPO config ties them); same weights, so nothing is clipped."""
-    from forge.actors.reference_model import chunked_logprobs
+    from forge.losses import response_logprobs
     from forge.data.batch import collate
     from forge.engine.config import EngineConfig, SamplingParams
     from forge.engine.native import NativeEngine
@@ -170,7 +170,7 @@ def test_on_policy_at_a_sampling_temperature_the_ratio_is_one_and_the_kl_zero():
         engine.step()
     samples = request.sequences
     with torch.no_grad():
-        reference = [chunked_logprobs(model, torch.tensor([prompt + s.token_ids]), len(prompt), 4, temperature)[0]
+        reference = [response_logprobs(model, torch.tensor([prompt + s.token_ids]), len(prompt), 4, temperature)[0]
                      for s in samples]
         inputs, targets = collate([prompt] * 8, [s.token_ids for s in samples], [s.logprobs for s in samples],
                                   [r.tolist() for r in reference], [1.0, -1.0] * 4, tokenizer.pad_token_id or 0)

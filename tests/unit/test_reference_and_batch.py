@@ -2,9 +2,8 @@
 
 import torch
 
-from forge.actors.reference_model import chunked_logprobs
 from forge.data.batch import collate
-from forge.losses import sequence_logprobs
+from forge.losses import response_logprobs, sequence_logprobs
 from forge.models import load_model
 
 
@@ -16,7 +15,7 @@ def test_chunked_logprobs_equal_a_full_forward_for_any_chunk_size():
         full = torch.log_softmax(model(ids).logits.float(), -1)
         expected = full[:, 4:-1].gather(2, ids[:, 5:, None])[..., 0]
         for chunk in (1, 3, 128):
-            assert torch.allclose(chunked_logprobs(model, ids, 5, chunk), expected, atol=1e-5)
+            assert torch.allclose(response_logprobs(model, ids, 5, chunk), expected, atol=1e-5)
 
 
 def test_collate_aligns_logprobs_and_mask_with_response_tokens():

@@ -8,9 +8,11 @@
 every prompt is ``max_req_tokens`` long (left-pad shorter prompts). The result is
 ``[B, L - max_req_tokens]``: the fp32 logprob of each response token.
 
-Logprobs are computed in chunks of ``chunk_size`` positions: the decoder runs once, then
-``lm_head`` + log-softmax run chunk by chunk, so the full ``[B, L, V]`` fp32 logits are
-never held at once (peak extra memory O(B * chunk_size * V); bench/reference_memory.py).
+Logprobs are computed in chunks of ``chunk_size`` scored positions (over the whole
+batch): the decoder runs once, then ``lm_head`` + log-softmax run chunk by chunk, so the
+full ``[B, L, V]`` fp32 logits are never held at once (peak extra memory
+O(chunk_size * V); bench/reference_memory.py). The model is loaded in ``model.dtype``
+(bf16 halves its memory; logprobs are fp32 either way).
 
 A ``max_req_tokens`` that is not a split point inside the input (e.g. 512 with an unpadded
 40-token input) raises ``ValueError`` in the caller, before the message is sent.
@@ -23,6 +25,7 @@ from monarch.actor import endpoint
 
 from forge.actors._model_spec import ModelSpec
 from forge.controller import ForgeActor, checked_in_caller
+from forge.losses import response_logprobs
 
 
 def check_forward(input_ids: torch.Tensor, max_req_tokens: int, return_logprobs: bool = True) -> None:
@@ -37,26 +40,6 @@ def check_forward(input_ids: torch.Tensor, max_req_tokens: int, return_logprobs:
             f"inside the {length}-token input (request first, then response): 1..{length - 1}. With unpadded "
             "prompts pass len(prompt_ids); with prompts left-padded to P tokens pass P"
         )
-
-
-def chunked_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,  # [B, L]
-    start: int,  # first scored position (the first response token)
-    chunk_size: int = 128,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """``out[b, j] = log p(input_ids[b, start + j] | input_ids[b, < start + j])``; [B, L - start] fp32."""
-    hidden = model.model(input_ids=input_ids).last_hidden_state  # [B, L, H]
-    targets = input_ids[:, start:]  # [B, T]
-    out = torch.empty(targets.shape, dtype=torch.float32, device=input_ids.device)
-    for begin in range(0, targets.shape[1], chunk_size):
-        end = min(begin + chunk_size, targets.shape[1])
-        logits = model.lm_head(hidden[:, start + begin - 1 : start + end - 1]).float() / temperature  # [B, c, V]
-        logp = torch.log_softmax(logits, dim=-1)
-        out[:, begin:end] = logp.gather(2, targets[:, begin:end, None])[..., 0]
-        del logits, logp
-    return out
 
 
 class ReferenceModel(ForgeActor):
@@ -82,7 +65,7 @@ class ReferenceModel(ForgeActor):
         from forge.models import load_model
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(self.model_spec.path(), self.model_spec.dtype, device)
+        self.model = load_model(self.model_spec.path(), self.model_spec.dtype, device)  # inference: no fp32 master
         self.model.requires_grad_(False)
 
     @endpoint
@@ -95,5 +78,5 @@ class ReferenceModel(ForgeActor):
             ids = ids[None]
         with torch.inference_mode():
             if return_logprobs:
-                return chunked_logprobs(self.model, ids, max_req_tokens, self.chunk_size, self.temperature).cpu()
+                return response_logprobs(self.model, ids, max_req_tokens, self.chunk_size, self.temperature).cpu()
             return self.model(input_ids=ids).logits[:, max_req_tokens - 1 : -1].float().cpu()

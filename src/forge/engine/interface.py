@@ -62,7 +62,7 @@ def build_engine(config: EngineConfig, model_path: Path, tokenizer: Any) -> Gene
     if config.backend == "vllm":
         from forge.engine.vllm_adapter import VllmEngine
 
-        return VllmEngine(model_path, config)
+        return VllmEngine.create(model_path, config)
     from forge.engine.native import AsyncEngine, NativeEngine, pick_device
     from forge.models import load_model
 

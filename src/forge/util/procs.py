@@ -1,5 +1,6 @@
 """This machine's processes, read from ``/proc``: liveness, parents, environments, and a
-kill that checks whose process it is. The one place Forge parses ``/proc``.
+kill that checks whose process it is, and this process's memory. The one place Forge
+parses ``/proc``.
 
 Pids are reused (``pid_max`` may be 32768, and every thread takes one): a pid remembered
 from a process that has since died may now be anyone's. So a process is told apart by
@@ -87,3 +88,21 @@ def kill_tagged(pids: "list[int] | tuple[int, ...]", key: str, value: str) -> li
             except (ProcessLookupError, PermissionError):
                 pass
     return killed
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def current_rss() -> int:
+    """This process's resident memory now, in bytes."""
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes."""
+    return _status_kb("VmHWM") * 1024
