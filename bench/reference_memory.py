@@ -31,7 +31,7 @@ def run_variant(variant: str, batch: int, length: int, chunk: int) -> dict:
     ids = torch.randint(0, VOCAB, (batch, length))
     start = length // 2
     with torch.inference_mode():
-        response_logprobs(model, ids[:, :8], 4, 2)  # warm up allocator and kernels
+        response_logprobs(model, ids[:, :8], 4, 64)  # warm up allocator and kernels
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if variant == "chunked":
             out = response_logprobs(model, ids, start, chunk)
@@ -51,7 +51,7 @@ def main(batch: int, length: int, chunk: int) -> None:
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(results["full"]["checksum"] - results["chunked"]["checksum"]) < 1e-2 * abs(results["full"]["checksum"])
     logits_mb = batch * length * VOCAB * 4 / 2**20
-    chunk_mb = chunk * VOCAB * 4 / 2**20
+    chunk_mb = chunk * 4 / 2**20
     print(f"\nB={batch}, L={length}, V={VOCAB}, chunk={chunk}: full fp32 logits are {logits_mb:.0f} MB, "
           f"one chunk {chunk_mb:.0f} MB\n")
     print("| variant | peak extra RSS (MB) | ratio |")
@@ -65,7 +65,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=1 << 22, help="logits per block (ReferenceModel chunk_elements)")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:

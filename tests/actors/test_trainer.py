@@ -71,7 +71,7 @@ async def test_two_fsdp_ranks_match_one_process_on_the_same_global_batch(normali
     config = dict(model=MODEL, optimizer={"name": "SGD", "lr": 1.0}, training={"local_batch_size": 4, "seq_len": 64},
                   loss={"normalization": normalization, "max_tokens": 8})
     # the two ranks also split their share into micro-batches (one row each) and chunk the log-softmax
-    split = dict(config, training={**config["training"], "max_tokens_per_microbatch": 8, "logprob_chunk_tokens": 2})
+    split = dict(config, training={**config["training"], "max_tokens_per_microbatch": 8, "logits_chunk_elements": 8})
     single, double = await asyncio.gather(
         RLTrainer.options(procs=1).as_actor(**config), RLTrainer.options(procs=2).as_actor(**split)
     )
@@ -98,7 +98,7 @@ async def test_micro_batches_and_chunked_logprobs_give_the_one_batch_step():
     """Memory is bounded by micro-batches (gradients accumulated) and a chunked log-softmax;
     the loss, the metrics and the updated weights are those of one full-batch step."""
     config = dict(model=MODEL, optimizer={"name": "SGD", "lr": 1.0}, training={"local_batch_size": 6, "seq_len": 64})
-    split = dict(config, training={**config["training"], "max_tokens_per_microbatch": 20, "logprob_chunk_tokens": 3})
+    split = dict(config, training={**config["training"], "max_tokens_per_microbatch": 20, "logits_chunk_elements": 8})
     whole, parts = await asyncio.gather(RLTrainer.as_actor(**config), RLTrainer.as_actor(**split))
     try:
         for seed in range(2):
@@ -114,6 +114,25 @@ async def test_micro_batches_and_chunked_logprobs_give_the_one_batch_step():
             assert (value - weights[key]).abs().max() <= 1e-6, key
     finally:
         await asyncio.gather(RLTrainer.shutdown(whole), RLTrainer.shutdown(parts))
+
+
+async def test_bf16_mixed_precision_trains_on_two_fsdp_ranks_like_on_one_process():
+    """model.dtype bfloat16: FSDP2 mixed precision on two ranks, autocast on one; both keep
+    fp32 master weights and give the same step to bf16 rounding."""
+    config = dict(model=dict(MODEL, dtype="bfloat16"), optimizer={"name": "SGD", "lr": 0.1},
+                  training={"local_batch_size": 4, "seq_len": 64})
+    single, double = await asyncio.gather(RLTrainer.options(procs=1).as_actor(**config),
+                                          RLTrainer.options(procs=2).as_actor(**config))
+    try:
+        batch = make_batch(4)
+        loss_1 = await single.train_step.call_one(*batch)
+        assert [v for _, v in (await double.train_step.call(*batch)).items()] == pytest.approx([loss_1] * 2, abs=5e-2)
+        weights_1, weights_2 = await single.weights.call_one(), rank0(await double.weights.call())
+        assert all(w.dtype == torch.float32 for w in weights_2.values())  # the master weights stay fp32
+        for key, value in weights_1.items():
+            assert (value - weights_2[key]).abs().max() <= 2e-2, key
+    finally:
+        await asyncio.gather(RLTrainer.shutdown(single), RLTrainer.shutdown(double))
 
 
 async def test_a_share_above_local_batch_size_is_refused_naming_both():
@@ -192,7 +211,7 @@ async def test_pushed_weights_reach_every_generator_bit_for_bit_and_stamp_comple
 
 
 async def test_reference_model_scores_responses_like_a_full_forward():
-    ref = await ReferenceModel.options(procs=1).as_actor(model=MODEL, chunk_size=2)
+    ref = await ReferenceModel.options(procs=1).as_actor(model=MODEL, chunk_elements=8)
     try:
         from forge.models import load_model
 

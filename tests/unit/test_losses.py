@@ -182,3 +182,37 @@ def test_on_policy_at_a_sampling_temperature_the_ratio_is_one_and_the_kl_zero():
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-5)
     assert metrics["clip_fraction"] == 0.0
     assert metrics["logprob_mismatch"] < 1e-4
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunked_logprobs_and_their_gradients_equal_the_full_logits_ones(chunk):
+    """The trainer's chunked head (no [B, L, V] logits, recomputed in the backward pass)
+    gives the full-logits logprobs, entropies and gradients, at a temperature, on the
+    scored positions only (a tied embedding, so both of its gradient paths are checked)."""
+    from forge.losses import TokenScorer
+    from forge.models import load_model
+
+    model = load_model("tiny")
+    torch.manual_seed(0)
+    tokens = torch.randint(4, 20, (3, 12))
+    mask = torch.zeros(3, 12)
+    mask[:, 5:] = 1
+    mask[2, 9:] = 0  # a shorter response: padding is never scored
+    weight = torch.randn(3, 12)
+    full = torch.log_softmax(model(input_ids=tokens).logits[:, :-1].float() / 0.7, -1)
+    full_logp = torch.cat([torch.zeros(3, 1), full.gather(2, tokens[:, 1:, None])[..., 0]], 1) * mask
+    full_entropy = torch.cat([torch.zeros(3, 1), -(full.exp() * full).sum(-1)], 1) * mask
+    expected = torch.autograd.grad((full_logp * weight).sum(), list(model.parameters()))
+    logp, entropy = TokenScorer(model, chunk)(tokens, None, mask, 0.7, with_entropy=True)
+    assert (logp - full_logp).abs().max() < 1e-5 and (entropy - full_entropy).abs().max() < 1e-5
+    assert logp[mask == 0].eq(0).all() and not entropy.requires_grad
+    grads = torch.autograd.grad((logp * weight).sum(), list(model.parameters()))
+    for (name, _), got, want in zip(model.named_parameters(), grads, expected):
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), name
+    # One process adds the head's and the embedding's gradients straight into .grad, twice here
+    # (two micro-batches): the same gradient, accumulated.
+    for _ in range(2):
+        logp, _ = TokenScorer(model, chunk, grads_in_place=True)(tokens, None, mask, 0.7)
+        (logp * weight).sum().backward()
+    for (name, parameter), want in zip(model.named_parameters(), expected):
+        assert (parameter.grad - 2 * want).abs().max() <= 2e-5 * max(1.0, float(want.abs().max())), name

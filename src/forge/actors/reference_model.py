@@ -8,10 +8,10 @@
 every prompt is ``max_req_tokens`` long (left-pad shorter prompts). The result is
 ``[B, L - max_req_tokens]``: the fp32 logprob of each response token.
 
-Logprobs are computed in chunks of ``chunk_size`` scored positions (over the whole
-batch): the decoder runs once, then ``lm_head`` + log-softmax run chunk by chunk, so the
-full ``[B, L, V]`` fp32 logits are never held at once (peak extra memory
-O(chunk_size * V); bench/reference_memory.py). The model is loaded in ``model.dtype``
+Logprobs are computed by the trainer's chunked code (``forge.losses.logprobs``): the
+decoder runs once, then the head and log-softmax run over blocks of at most
+``chunk_elements`` logits (0: auto), so the full ``[B, L, V]`` fp32 logits are never held
+at once (bench/reference_memory.py). The model is loaded in ``model.dtype``
 (bf16 halves its memory; logprobs are fp32 either way).
 
 A ``max_req_tokens`` that is not a split point inside the input (e.g. 512 with an unpadded
@@ -45,17 +45,18 @@ def check_forward(input_ids: torch.Tensor, max_req_tokens: int, return_logprobs:
 class ReferenceModel(ForgeActor):
     """See the module docstring."""
 
-    def __init__(self, model: dict | ModelSpec | None = None, chunk_size: int = 128, temperature: float = 1.0) -> None:
+    def __init__(self, model: dict | ModelSpec | None = None, chunk_elements: int = 0,
+                 temperature: float = 1.0) -> None:
         self.model_spec = ModelSpec.parse(model)
-        self.chunk_size = chunk_size
+        self.chunk_elements = chunk_elements
         self.temperature = temperature
 
     @classmethod
-    def validate_arguments(cls, model=None, chunk_size: int = 128, temperature: float = 1.0, **unknown) -> None:
+    def validate_arguments(cls, model=None, chunk_elements: int = 0, temperature: float = 1.0, **unknown) -> None:
         if unknown:
             raise ValueError(f"ReferenceModel got unknown argument(s) {sorted(unknown)}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"ReferenceModel chunk_size must be an int >= 1, got {chunk_size!r}")
+        if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 0:
+            raise ValueError(f"ReferenceModel chunk_elements must be an int >= 0 (0: auto), got {chunk_elements!r}")
         if temperature <= 0:
             raise ValueError(f"ReferenceModel temperature must be > 0, got {temperature!r}")
         ModelSpec.parse(model).path()
@@ -78,5 +79,5 @@ class ReferenceModel(ForgeActor):
             ids = ids[None]
         with torch.inference_mode():
             if return_logprobs:
-                return response_logprobs(self.model, ids, max_req_tokens, self.chunk_size, self.temperature).cpu()
+                return response_logprobs(self.model, ids, max_req_tokens, self.chunk_elements, self.temperature).cpu()
             return self.model(input_ids=ids).logits[:, max_req_tokens - 1 : -1].float().cpu()

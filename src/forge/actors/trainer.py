@@ -47,7 +47,7 @@ from forge.data.batch import TrainInputs, TrainTargets
 from forge.util.checks import check_bool, check_choice, check_int, check_number, check_positive
 from forge.util.config import build
 from forge.losses import LossConfig, TokenScorer, grpo_loss
-from forge.util.procs import current_rss, peak_rss
+from forge.util.procs import current_rss, peak_rss, return_large_frees_to_the_os
 from forge.weights import WeightStore
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,9 @@ class TrainingConfig:
     # Micro-batching: a rank's share is split into micro-batches of at most this many
     # (padded) tokens, gradients accumulated; 0: the whole share at once.
     max_tokens_per_microbatch: int = 0
-    # Positions whose logits exist at once (the chunked log-softmax); 0: auto, 64 MiB of fp32 logits.
-    logprob_chunk_tokens: int = 0
+    # Logits that exist at once (the chunked log-softmax, forge.losses.logprobs); 0: auto,
+    # 4M (16 MiB of fp32) on CPU, 64M on a GPU.
+    logits_chunk_elements: int = 0
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
 
     def __post_init__(self) -> None:
@@ -120,7 +121,7 @@ class TrainingConfig:
         check_number("training max_norm", self.max_norm, 0)
         check_int("training seed", self.seed, 0)
         check_int("training max_tokens_per_microbatch", self.max_tokens_per_microbatch, 0)
-        check_int("training logprob_chunk_tokens", self.logprob_chunk_tokens, 0)
+        check_int("training logits_chunk_elements", self.logits_chunk_elements, 0)
         check_bool("training activation_checkpointing", self.activation_checkpointing)
 
     def microbatches(self, rows: int, width: int) -> list[slice]:
@@ -210,9 +211,11 @@ class RLTrainer(ForgeActor):
         build the optimizer. With ``model.dtype`` bfloat16 the forward and backward run in
         bf16 (FSDP2 mixed precision, or autocast on one process) while the weights, their
         gradients' reduction and the optimizer state stay fp32."""
+        from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the baseline below)
+
         from forge.models import load_model, torch_dtype
 
-        self.rss_before_model = current_rss()
+        self.rss_before_model = current_rss()  # for memory/before_model_gb: libraries loaded, no weights yet
         check_choice("RLTrainer model dtype", self.model_spec.dtype, TRAIN_DTYPES)
         device = "cuda" if torch.cuda.is_available() and "CUDA_VISIBLE_DEVICES" in os.environ else "cpu"
         self.device = torch.device(device)
@@ -220,13 +223,16 @@ class RLTrainer(ForgeActor):
         if self.world_size > 1 and not torch.distributed.is_initialized():
             # gloo beside NCCL: the trainer's small CPU reductions (loss, metrics) need a CPU backend
             torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo")
+        if device == "cpu":
+            return_large_frees_to_the_os()
         self.model = load_model(self.model_spec.path(), "float32", device)
         self.model.train()
         self.model.config.use_cache = False
         if self.training.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.compute_dtype = torch_dtype(self.model_spec.dtype)
-        self.scorer = TokenScorer(self.model, self.training.logprob_chunk_tokens)
+        self.scorer = TokenScorer(self.model, self.training.logits_chunk_elements,
+                                  grads_in_place=self.world_size == 1)  # FSDP owns its gradients
         if self.world_size > 1:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -235,13 +241,12 @@ class RLTrainer(ForgeActor):
                 fully_shard(layer, mp_policy=precision)
             fully_shard(self.scorer, mp_policy=precision)  # the root: embedding, head (tied), final norm
         cfg = self.optimizer_config
-        fused = {"fused": True} if device == "cuda" or hasattr(torch._C, "_fused_adamw_") else {}
         if cfg.name == "SGD":
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             cls = torch.optim.AdamW if cfg.name == "AdamW" else torch.optim.Adam
             self.optimizer = cls(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, **fused)
+                                 weight_decay=cfg.weight_decay, fused=True)  # no full-size temporaries
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule.factor)
 
     # ---- training --------------------------------------------------------------

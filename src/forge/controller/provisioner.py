@@ -13,6 +13,7 @@ child process dies.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
@@ -90,30 +91,47 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(l for l in listing.splitlines() if l.startswith("GPU "))]
 
 
+SHARE_GPUS_ENV = "FORGE_SHARE_GPUS"
+
+
 class GpuAllocator:
-    """Hands out this host's GPUs to replicas, one device per process, never twice."""
+    """Hands out this host's GPUs to replicas, one device per process, never twice.
+
+    With ``FORGE_SHARE_GPUS=1`` in the client's environment, processes share devices
+    instead: each process still gets one device, the least shared one. That is for one
+    GPU running every part (a smoke test, a small model); the parts must then fit in the
+    device's memory together (vLLM: lower ``gpu_memory_utilization`` in engine ``extra``).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._in_use: set[str] = set()
+        self._users: collections.Counter[str] = collections.Counter()
 
     def allocate(self, num_devices: int, what: str) -> list[str]:
         with self._lock:
             devices = visible_gpus()
-            free = [d for d in devices if d not in self._in_use]
+            if os.environ.get(SHARE_GPUS_ENV) == "1" and devices:
+                taken = []
+                for _ in range(num_devices):
+                    taken.append(min(devices, key=lambda d: self._users[d]))
+                    self._users[taken[-1]] += 1
+                return taken
+            free = [d for d in devices if not self._users[d]]
             if num_devices > len(free):
                 raise ValueError(
                     f"{what} needs {num_devices} GPU(s) (with_gpus=True gives each process one) "
                     f"but this host has {len(devices)} visible GPU(s) of which {len(free)} are "
-                    "free; lower procs or num_replicas, free GPUs, or use with_gpus=False"
+                    f"free; lower procs or num_replicas, free GPUs, use with_gpus=False, or let "
+                    f"processes share GPUs ({SHARE_GPUS_ENV}=1)"
                 )
             taken = free[:num_devices]
-            self._in_use.update(taken)
+            self._users.update(taken)
             return taken
 
     def release(self, devices: list[str]) -> None:
         with self._lock:
-            self._in_use.difference_update(devices)
+            self._users.subtract(devices)
+            self._users += collections.Counter()  # drop the zeros
 
 
 gpu_allocator = GpuAllocator()
