@@ -81,11 +81,13 @@ async def test_two_fsdp_ranks_match_one_process_on_the_same_global_batch(normali
             loss_1 = await single.train_step.call_one(inputs, targets)
             losses_2 = await double.train_step.call(inputs, targets)
             assert [v for _, v in losses_2.items()] == pytest.approx([loss_1] * 2, abs=1e-5)
-            # the metrics are over all ranks' tokens, not rank 0's
+            # the metrics are over all ranks' tokens, not rank 0's. The KL here is ~8 (random
+            # reference logprobs): exp(ref - logp) turns logp's fp32 rounding (online vs one-pass
+            # log-sum-exp) into ~2e-6 relative
             metrics_1 = await single.metrics.call_one()
             for metrics_2 in [v for _, v in (await double.metrics.call()).items()]:
                 for key in ("entropy", "kl", "clip_fraction", "ratio_mean", "num_tokens"):
-                    assert metrics_2[key] == pytest.approx(metrics_1[key], rel=1e-6, abs=1e-5), key
+                    assert metrics_2[key] == pytest.approx(metrics_1[key], rel=1e-5, abs=1e-5), key
         weights_1 = await single.weights.call_one()
         weights_2 = [v for _, v in (await double.weights.call()).items()][0]
         for key, value in weights_1.items():
@@ -95,10 +97,12 @@ async def test_two_fsdp_ranks_match_one_process_on_the_same_global_batch(normali
 
 
 async def test_micro_batches_and_chunked_logprobs_give_the_one_batch_step():
-    """Memory is bounded by micro-batches (gradients accumulated) and a chunked log-softmax;
-    the loss, the metrics and the updated weights are those of one full-batch step."""
+    """Memory is bounded by micro-batches (gradients accumulated), a chunked log-softmax and
+    activation checkpointing; the loss, the metrics and the updated weights are those of
+    one full-batch step."""
     config = dict(model=MODEL, optimizer={"name": "SGD", "lr": 1.0}, training={"local_batch_size": 6, "seq_len": 64})
-    split = dict(config, training={**config["training"], "max_tokens_per_microbatch": 20, "logits_chunk_elements": 8})
+    split = dict(config, training={**config["training"], "max_tokens_per_microbatch": 20, "logits_chunk_elements": 8,
+                                   "activation_checkpointing": True})
     whole, parts = await asyncio.gather(RLTrainer.as_actor(**config), RLTrainer.as_actor(**split))
     try:
         for seed in range(2):
