@@ -58,3 +58,26 @@ def test_bad_model_references_say_what_would_work(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         load_model("tiny", dtype="int3")
     assert "tiny" in PRESETS
+
+
+def test_an_export_in_shards_loads_in_transformers_and_replaces_the_previous_one(tmp_path):
+    """A large model's export is split into safetensors shards with an index; exporting again
+    to the same directory replaces it whole (staged, then renamed into place)."""
+    from transformers import AutoModelForCausalLM
+
+    from forge.models import export_hf_directory
+
+    model = load_model("tiny")
+    state = {k: v + 1.0 for k, v in model.state_dict().items()}
+    out = export_hf_directory(state, model.config, resolve_model_path("tiny"), tmp_path / "final_model",
+                              max_shard_bytes=64 * 1024)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    export_hf_directory(model.state_dict(), model.config, resolve_model_path("tiny"), out)  # one file now
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model"]  # no staging left behind
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
