@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -133,6 +134,10 @@ class HostPool:
                 except Exception as e:  # the job's kill below still takes the workers down
                     logger.warning("host pool shutdown: releasing the hosts failed: %s", e)
             if self._registry_procs is not None:
+                # Mesh references this process dropped may still send their last messages to
+                # controllers in the registry's process when collected; collect them while it is
+                # up (Monarch's client crashes on a message that comes back undeliverable).
+                gc.collect()
                 try:
                     await asyncio.wait_for(self._registry_procs.stop(), 15)
                 except Exception as e:  # a local process: it dies with this client anyway
