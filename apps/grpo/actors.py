@@ -92,6 +92,15 @@ class DatasetActor(ForgeActor):
         return item
 
     @endpoint
+    async def sample_batch(self, count: int) -> list[dict[str, Any]]:
+        """The next ``count`` prompts in one message: what ``count`` ``sample`` calls return."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"DatasetActor.sample_batch: count must be an int >= 1, got {count!r}")
+        items = [self.source.sample() for _ in range(count)]
+        record_metric("data/epoch", items[-1]["epoch"], "last")
+        return items
+
+    @endpoint
     async def eval_rows(self, count: int) -> list[dict[str, Any]]:
         """Up to ``count`` evaluation rows: the held-out split when one was given, else the
         first rows of the training data (all of them for the finite embedded task)."""
@@ -136,6 +145,14 @@ class RewardActor(ForgeActor):
         """``evaluate_response`` for a whole group in one message."""
         return [self._score(prompt, r, target) for r in responses]
 
+    @endpoint
+    async def evaluate_groups(self, prompts: list[str], responses: list[list[str]], targets: list[Any]) -> list[list[float]]:
+        """``evaluate_responses`` for several groups in one message: one list of rewards per prompt."""
+        if not len(prompts) == len(responses) == len(targets):
+            raise ValueError(f"RewardActor.evaluate_groups: {len(prompts)} prompts, {len(responses)} response "
+                             f"lists and {len(targets)} targets; give one response list and one target per prompt")
+        return [[self._score(p, r, t) for r in group] for p, group, t in zip(prompts, responses, targets)]
+
 
 class ComputeAdvantages(ForgeActor):
     """Group-relative advantages: ``(r - mean) / (std + eps)``, or ``r - mean`` (Dr. GRPO)."""
@@ -147,6 +164,11 @@ class ComputeAdvantages(ForgeActor):
     @endpoint
     async def compute(self, group: Group) -> list[float]:
         return group_advantages([e.reward for e in group.episodes], self.scale_by_std, self.eps)
+
+    @endpoint
+    async def compute_batch(self, groups: list[Group]) -> list[list[float]]:
+        """``compute`` for several groups in one message."""
+        return [group_advantages([e.reward for e in g.episodes], self.scale_by_std, self.eps) for g in groups]
 
 
 def group_advantages(rewards: list[float], scale_by_std: bool = True, eps: float = 1e-4) -> list[float]:

@@ -37,11 +37,13 @@ class RunConfig:
     # The policy as a Hugging Face directory: "final" (<run_dir>/final_model at the end),
     # "checkpoints" (also checkpoints/hf-<step> with each checkpoint) or "none".
     export: str = "final"
-    rollout_tasks: int = 4
+    rollout_tasks: int = 4  # concurrent rollout loops
+    groups_per_rollout: int = 4  # prompts a rollout loop takes at a time: one message per part for all
     weight_update: str = "fanout"  # "fanout" or "rolling"
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "reward_window", "log_every", "rollout_tasks", "keep_checkpoints"):
+        for name in ("max_steps", "reward_window", "log_every", "rollout_tasks", "groups_per_rollout",
+                     "keep_checkpoints"):
             check_int(f"run.{name}", getattr(self, name), 1)
         for name in ("eval_every", "checkpoint_every", "seed"):
             check_int(f"run.{name}", getattr(self, name), 0)
@@ -155,8 +157,12 @@ class ModelConfig:
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
 
 
-# The parts of the GRPO app, as ``placement:`` names them.
+# The parts of the GRPO app, as ``placement:`` and ``colocate:`` name them.
 PARTS = ("dataloader", "policy", "trainer", "replay_buffer", "compute_advantages", "ref_model", "reward")
+# Parts that may share a process with others (``colocate:``); the generator and the trainer
+# keep their own (services of replicas, GPUs, data-parallel ranks).
+COLOCATABLE = ("dataloader", "replay_buffer", "compute_advantages", "reward", "ref_model")
+LIGHT_PARTS = ["dataloader", "replay_buffer", "compute_advantages", "reward"]
 
 
 @dataclass
@@ -175,6 +181,11 @@ class GRPOConfig:
     hosts: HostsConfig | None = None  # e.g. {source: process_job, groups: {gen: 1}}
     placement: dict[str, str] = field(default_factory=dict)  # part -> host group, e.g. {policy: gen, trainer: train}
     metrics: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard", "wandb"])
+    # Groups of parts that share one process each, as actors (a co-located reward or
+    # reference model is one actor, not a service of replicas). The default puts the light
+    # parts together, which is fastest on a small machine (bench/grpo_overhead.py); [] gives
+    # every part its own processes, as a large run wants.
+    colocate: list[list[str]] = field(default_factory=lambda: [list(LIGHT_PARTS)])
 
     def __post_init__(self) -> None:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
@@ -195,6 +206,7 @@ class GRPOConfig:
                 f"trainer.training.local_batch_size={local}; raise local_batch_size to {share} (set "
                 "trainer.training.max_tokens_per_microbatch to bound memory) or lower the batch size")
         self._validate_placement()
+        self._validate_colocate()
         unknown = sorted(set(self.metrics) - {"console", "jsonl", "tensorboard", "wandb"})
         if unknown:
             raise ValueError(f"metrics: unknown backend(s) {unknown}; use console, jsonl, tensorboard, wandb")
@@ -248,6 +260,34 @@ class GRPOConfig:
         if trainer_group is not None and self.trainer.hosts > sizes[trainer_group]:
             raise ValueError(f"trainer.hosts={self.trainer.hosts} but group {trainer_group!r} has "
                              f"{sizes[trainer_group]} host(s)")
+
+    def _validate_colocate(self) -> None:
+        if not isinstance(self.colocate, list) or not all(isinstance(g, list) for g in self.colocate):
+            raise ValueError(f"colocate must be a list of lists of parts, e.g. [{LIGHT_PARTS}], got {self.colocate!r}")
+        seen: set[str] = set()
+        for group in self.colocate:
+            for part in group:
+                if part not in COLOCATABLE:
+                    why = ("it is not a part" if part not in PARTS else
+                           "it keeps its own processes (replicas, GPUs, data-parallel ranks)")
+                    raise ValueError(f"colocate: {part!r} cannot share a process: {why}; parts that can are "
+                                     f"{list(COLOCATABLE)}")
+                if part in seen:
+                    raise ValueError(f"colocate: {part!r} is in more than one group")
+                seen.add(part)
+            replicas = {"reward": self.reward.num_replicas, "ref_model": self.ref_model_replicas}
+            for part in set(group) & set(replicas):
+                if replicas[part] > 1:
+                    name = "reward.num_replicas" if part == "reward" else "ref_model_replicas"
+                    raise ValueError(f"colocate: {part} has {name}={replicas[part]}, but a co-located part is one "
+                                     f"actor; set {name}=1 or take {part} out of colocate")
+            if not self.uses_reference and "ref_model" in group:
+                group.remove("ref_model")  # beta=0: there is no reference model to place
+            host_groups = {self.placement.get(part) for part in group}
+            if len(host_groups) > 1:
+                raise ValueError(f"colocate: {group} share one process, but placement puts them on different host "
+                                 f"groups {sorted(map(str, host_groups))}; place them on one group")
+        self.colocate = [g for g in self.colocate if g]
 
     def engine_config(self) -> EngineConfig:
         return self.policy.engine

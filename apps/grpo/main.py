@@ -10,15 +10,22 @@ The loop's concurrent tasks and what each waits on:
 
     rollout task x N  (run.rollout_tasks)               training task (one)
     ─────────────────────────────────────               ───────────────────────────────────────────
-    dataloader.sample          (DatasetActor)            replay_buffer.sample(version) ── None? wait
-      → policy.generate.route  (Policy service, n=G)       → trainer.train_step.call     (RLTrainer)
-      → reward.evaluate_response.route × G (service)       → trainer.push_weights.call   (shared memory)
-      → ref_model.forward.route  (ReferenceModel)          → policy.update_weights.fanout/rolling
-      → compute_advantages.compute (actor)                 → drain metrics, log, eval, checkpoint
-      → replay_buffer.add × G    (ReplayBuffer)
+    k = run.groups_per_rollout prompts at a time,       replay_buffer.sample(version) ── None? wait
+    one message per part for all k:                       → trainer.train_step.call     (RLTrainer)
+    dataloader.sample_batch(k)   (DatasetActor)           → trainer.push_weights.call   (shared memory)
+      → policy.generate_batch.route (Policy, k x n)       → policy.update_weights.fanout/rolling
+      → reward.evaluate_groups.route                      → log the step; every run.log_every steps
+      → ref_model.forward.route  (one per prompt length)    drain every part's metrics; eval, checkpoint
+      → compute_advantages.compute_batch
+      → replay_buffer.add(all kept episodes)
 
     watchdog: every 0.5 s checks that the singleton actors' processes are alive; a dead
     one stops the run with an error naming it (service replicas are rebuilt instead).
+
+Placement: the generator (a service of replicas) and the trainer have their own processes;
+the light parts (dataloader, replay buffer, advantages, reward) share one process by
+default (``colocate:``), which on a small machine saves a process per part and its
+startup; ``colocate=[]`` gives each its own, as a large run wants.
 
 Staleness is bounded by ``replay_buffer.max_policy_age``: an episode from version p is
 trained on at version v only while v - p <= max_policy_age. Checkpoints are taken at a
@@ -37,6 +44,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +68,8 @@ from forge.actors.trainer import RLTrainer, prune_checkpoints, save_atomically
 from forge.controller import (
     ForgeActor,
     HostRegistryLost,
+    ProcGroup,
+    ServiceHandle,
     actor_alive,
     actor_pids,
     current_pool,
@@ -94,26 +104,49 @@ class Services:
     trainer: Any
     replay_buffer: Any
     compute_advantages: Any
-    ref_model: Any
+    ref_model: Any  # None without a KL term (beta=0)
     reward: Any
+    groups: list[Any] = dataclasses.field(default_factory=list)  # the ProcGroups of colocate:
+
+    def parts(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "groups" and getattr(self, f.name) is not None}
 
     def singletons(self) -> dict[str, Any]:
-        return {"dataloader": self.dataloader, "trainer": self.trainer, "replay_buffer": self.replay_buffer,
-                "compute_advantages": self.compute_advantages}
+        """Parts that are one actor (no replicas to rebuild): their death ends the run."""
+        return {name: part for name, part in self.parts().items() if not isinstance(part, ServiceHandle)}
 
     def services(self) -> dict[str, Any]:
-        parts = {"policy": self.policy, "ref_model": self.ref_model, "reward": self.reward}
-        return {name: part for name, part in parts.items() if part is not None}  # no ref_model when beta=0
+        return {name: part for name, part in self.parts().items() if isinstance(part, ServiceHandle)}
+
+    def one_actor_per_process(self, exclude: str) -> list[Any]:
+        """One singleton per set of processes (co-located actors share theirs): what a metrics
+        drain needs, since a drain returns everything its process recorded."""
+        chosen: dict[tuple[int, ...], Any] = {}
+        for name, actor in self.singletons().items():
+            if name != exclude:
+                chosen.setdefault(actor_pids(actor), actor)
+        return list(chosen.values())
 
 
 async def start_services(cfg: GRPOConfig, store: str) -> Services:
-    """Spawn everything concurrently (each in its own processes)."""
+    """Spawn everything concurrently: each part in its own processes, except the groups of
+    ``colocate:``, whose parts share one process as actors."""
     data = cfg.data
     reward_fns = [REWARD_FUNCTIONS[name]() for name in cfg.reward.functions]
+    groups = [ProcGroup("+".join(names)) for names in cfg.colocate]
+    group_of = {part: group for names, group in zip(cfg.colocate, groups) for part in names}
 
-    def on(part: str) -> dict[str, Any]:  # the host group of a part, if placement: names one
-        return {"host_group": cfg.placement[part]} if part in cfg.placement else {}
+    def on(part: str) -> dict[str, Any]:  # its host group (placement:) and shared processes (colocate:)
+        where = {"host_group": cfg.placement[part]} if part in cfg.placement else {}
+        return {**where, "on": group_of[part]} if part in group_of else where
 
+    reward = RewardActor.options(procs=1, **on("reward"), **(
+        {} if "reward" in group_of else {"num_replicas": cfg.reward.num_replicas}))
+    reward_args = {"reward_functions": reward_fns, "weights": cfg.reward.weights}
+    ref = ReferenceModel.options(procs=1, with_gpus=cfg.trainer.with_gpus, **on("ref_model"), **(
+        {} if "ref_model" in group_of else {"num_replicas": cfg.ref_model_replicas}))
+    ref_args = {"model": cfg.model_spec(), "temperature": cfg.policy.sampling.temperature}
     started = await asyncio.gather(
         DatasetActor.options(procs=1, **on("dataloader")).as_actor(
             path=data.source, data_split=data.split, model=cfg.model.path, question_field=data.question_field,
@@ -133,19 +166,28 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
             dp_size=cfg.trainer.num_ranks, max_buffer_size=cfg.replay_buffer.max_buffer_size,
             max_resample=cfg.replay_buffer.max_resample, seed=cfg.run.seed),
         ComputeAdvantages.options(procs=1, **on("compute_advantages")).as_actor(scale_by_std=cfg.scale_advantages_by_std),
-        ReferenceModel.options(procs=1, num_replicas=cfg.ref_model_replicas, with_gpus=cfg.trainer.with_gpus,
-                               **on("ref_model")).as_service(model=cfg.model_spec(),
-                                                             temperature=cfg.policy.sampling.temperature)
+        (ref.as_actor(**ref_args) if "ref_model" in group_of else ref.as_service(**ref_args))
         if cfg.uses_reference else _nothing(),
-        RewardActor.options(procs=1, num_replicas=cfg.reward.num_replicas, **on("reward")).as_service(
-            reward_functions=reward_fns, weights=cfg.reward.weights),
+        reward.as_actor(**reward_args) if "reward" in group_of else reward.as_service(**reward_args),
         return_exceptions=True,
     )
     failed = [r for r in started if isinstance(r, BaseException)]
     if failed:  # stop the parts that did start before reporting the first failure
-        await _stop_parts([r for r in started if not isinstance(r, BaseException)])
+        try:
+            await _stop_parts([r for r in started if not isinstance(r, BaseException)])
+        finally:
+            await _stop_groups(groups)
         raise failed[0]
-    return Services(*started)
+    return Services(*started, groups=groups)
+
+
+async def _stop_groups(groups: list[Any]) -> None:
+    """Stop shared processes whatever still holds them (their parts are stopped first)."""
+    for group in groups:
+        try:
+            await asyncio.wait_for(group.stop(), 15)
+        except Exception as e:  # noqa: BLE001  (reported, the next one is still stopped)
+            logger.info("shutdown of %s: %s", group, e)
 
 
 async def _nothing() -> None:
@@ -154,7 +196,10 @@ async def _nothing() -> None:
 
 async def stop_services(services: Services | None) -> None:
     if services is not None:
-        await _stop_parts([getattr(services, f.name) for f in dataclasses.fields(services)])
+        try:
+            await _stop_parts(list(services.parts().values()))
+        finally:
+            await _stop_groups(services.groups)
 
 
 async def _stop_parts(parts: list[Any]) -> None:
@@ -183,6 +228,7 @@ class GRPORun:
         self.landed = asyncio.Event()  # set whenever in_flight drops to 0
         self.stopping = False
         self.groups_made = 0
+        self.step_rewards: list[float] = []  # rewards of the groups made since the last step
         self.tokens_generated = 0
         self.generate_seconds = 0.0
         self.math = MathReward()
@@ -192,63 +238,123 @@ class GRPORun:
     # ---- rollouts ----------------------------------------------------------------
 
     async def rollout_loop(self, index: int = 0) -> None:
-        s = self.s
+        """Make ``run.groups_per_rollout`` groups at a time into the replay buffer, until stopped."""
+        s, count = self.s, self.cfg.run.groups_per_rollout
         while not self.stopping:
             await self.gate.wait()
             if self.stopping:
                 return
             self.in_flight += 1
             try:
-                sample = await s.dataloader.sample.call_one()
-                started = time.monotonic()
-                completions = await s.policy.generate.route(sample["request"])
-                self.generate_seconds += time.monotonic() - started
-                self.tokens_generated += sum(len(c.token_ids) for c in completions)
-                rewards = await s.reward.evaluate_responses.route(
-                    prompt=sample["question"], responses=[c.text for c in completions], target=sample["target"])
-                for reward in rewards:  # every group's, a dropped one's too: the stop criterion reads them
-                    record_metric("reward/mean", float(reward), "mean")
-                    record_metric("reward/max", float(reward), "max")
-                uniform = len(set(rewards)) == 1
-                record_metric("rollout/zero_variance_groups", float(uniform), "mean")
-                if uniform and self.cfg.replay_buffer.drop_zero_variance_groups:
-                    self.progress[f"rollout loop {index}"] = time.monotonic()
-                    continue  # advantage 0 everywhere: nothing to learn, only a diluted batch
-                prompt_ids = completions[0].prompt_ids
-                width = max(len(c.token_ids) for c in completions)
-                pad_id = self.pad_id
-                rows = [torch.cat([prompt_ids, torch.nn.functional.pad(c.token_ids, (0, width - len(c.token_ids)),
-                                                                      value=pad_id)]) for c in completions]
-                ref_logprobs = None if s.ref_model is None else await s.ref_model.forward.route(
-                    torch.stack(rows), max_req_tokens=len(prompt_ids), return_logprobs=True)
-                group = Group.new_group(f"{sample['epoch']}-{sample['index']}", len(completions), sample["request"],
-                                        min(c.generator_version for c in completions), pad_id, len(prompt_ids),
-                                        width, sample["target"])
-                for i, (episode, completion, reward) in enumerate(zip(group.episodes, completions, rewards)):
-                    episode.policy_version = completion.generator_version
-                    episode.response = completion.text
-                    episode.request_tokens = prompt_ids.tolist()
-                    episode.response_tokens = completion.token_ids.tolist()
-                    episode.response_logprobs = completion.logprobs.tolist()
-                    episode.ref_logprobs = (None if ref_logprobs is None
-                                            else ref_logprobs[i, : len(completion.token_ids)].tolist())
-                    episode.reward = float(reward)
-                advantages = await s.compute_advantages.compute.call_one(group)
-                for episode, advantage in zip(group.episodes, advantages):
-                    episode.advantage = float(advantage)
-                await s.replay_buffer.add.call_one(group.episodes)
-                self.groups_made += 1
+                samples = await s.dataloader.sample_batch.call_one(count)
+                groups = await self.make_groups(samples)
+                if groups:
+                    await s.replay_buffer.add.call_one([e for g in groups for e in g.episodes])
+                self.groups_made += len(groups)
                 self.progress[f"rollout loop {index}"] = time.monotonic()
             finally:
                 self.in_flight -= 1
                 if not self.in_flight:
                     self.landed.set()
 
+    def sampling_seed(self, sample: dict[str, Any]) -> int:
+        """Each group's own sampling seed, from the run's seed and the prompt's place in the data:
+        its samples do not depend on what else the generator decodes with it (the batch size,
+        other rollout tasks, which replica), only on the weights."""
+        return zlib.crc32(f"{self.cfg.run.seed}/{sample['epoch']}/{sample['index']}".encode())
+
+    async def make_groups(self, samples: list[dict[str, Any]]) -> list[Group]:
+        """Groups of ``group_size`` episodes for ``samples`` (prompts from the dataloader), with
+        one message per part for all of them: generate, reward, reference, advantages. With
+        ``replay_buffer.drop_zero_variance_groups`` a group whose rewards are all equal is left
+        out (its rewards still count for the reward metrics and the stop criterion)."""
+        s = self.s
+        started = time.monotonic()
+        completions = await s.policy.generate_batch.route(
+            [x["request"] for x in samples], sampling_config=[{"seed": self.sampling_seed(x)} for x in samples])
+        self.generate_seconds += time.monotonic() - started
+        self.tokens_generated += sum(len(c.token_ids) for group in completions for c in group)
+        rewards = await s.reward.evaluate_groups.route(
+            prompts=[x["question"] for x in samples], responses=[[c.text for c in group] for group in completions],
+            targets=[x["target"] for x in samples])
+        kept = []
+        for sample, group, scores in zip(samples, completions, rewards):
+            self.step_rewards += scores  # every group's, a dropped one's too: the stop criterion reads them
+            record_metric("reward/max", max(scores), "max")
+            record_metric("rollout/groups", 1, "sum")
+            uniform = len(set(scores)) == 1
+            record_metric("rollout/zero_variance_groups", float(uniform), "mean")
+            if not (uniform and self.cfg.replay_buffer.drop_zero_variance_groups):
+                kept.append((sample, group, scores))  # else advantage 0 everywhere: only a diluted batch
+        if not kept:
+            return []
+        ref_logprobs = await self.reference_logprobs([group for _, group, _ in kept])
+        groups = [self.new_group(*part, ref) for part, ref in zip(kept, ref_logprobs)]
+        advantages = await s.compute_advantages.compute_batch.call_one(groups)
+        for group, values in zip(groups, advantages):
+            for episode, advantage in zip(group.episodes, values):
+                episode.advantage = float(advantage)
+        record_metric("rollout/groups_kept", len(groups), "sum")
+        return groups
+
+    async def reference_logprobs(self, groups: list[list[Any]]) -> list[torch.Tensor | None]:
+        """The reference model's logprobs of each group's responses (``[G, T]`` per group), one
+        forward per prompt length (rows are prompt, then response, right-padded); all None
+        without a reference model."""
+        if self.s.ref_model is None:
+            return [None] * len(groups)
+        by_length: dict[int, list[int]] = {}
+        for i, group in enumerate(groups):
+            by_length.setdefault(len(group[0].prompt_ids), []).append(i)
+
+        async def score(indices: list[int]) -> list[torch.Tensor]:
+            width = max(len(c.token_ids) for i in indices for c in groups[i])
+            rows = [torch.cat([c.prompt_ids, torch.nn.functional.pad(c.token_ids, (0, width - len(c.token_ids)),
+                                                                    value=self.pad_id)])
+                    for i in indices for c in groups[i]]
+            logprobs = await self.s.ref_model.forward.route(torch.stack(rows), max_req_tokens=len(groups[indices[0]][0].prompt_ids),
+                                                            return_logprobs=True)
+            return list(logprobs.split([len(groups[i]) for i in indices]))
+
+        buckets = list(by_length.values())
+        scored = await asyncio.gather(*(score(indices) for indices in buckets))
+        result: list[torch.Tensor | None] = [None] * len(groups)
+        for indices, parts in zip(buckets, scored):
+            for i, part in zip(indices, parts):
+                result[i] = part
+        return result
+
+    def new_group(self, sample: dict[str, Any], completions: list[Any], rewards: list[float],
+                  ref_logprobs: torch.Tensor | None) -> Group:
+        prompt_ids = completions[0].prompt_ids
+        width = max(len(c.token_ids) for c in completions)
+        group = Group.new_group(f"{sample['epoch']}-{sample['index']}", len(completions), sample["request"],
+                                min(c.generator_version for c in completions), self.pad_id, len(prompt_ids),
+                                width, sample["target"])
+        for i, (episode, completion, reward) in enumerate(zip(group.episodes, completions, rewards)):
+            episode.policy_version = completion.generator_version
+            episode.response = completion.text
+            episode.request_tokens = prompt_ids.tolist()
+            episode.response_tokens = completion.token_ids.tolist()
+            episode.response_logprobs = completion.logprobs.tolist()
+            episode.ref_logprobs = None if ref_logprobs is None else ref_logprobs[i, : len(completion.token_ids)].tolist()
+            episode.reward = float(reward)
+        return group
+
     # ---- training ----------------------------------------------------------------
 
     async def train_loop(self, log: RunLogger, deadline: float) -> str:
+        """Train until the target, ``max_steps`` or the time limit; returns why it stopped.
+
+        Every step logs what the client knows without a message (its rewards, loss, times);
+        every ``log_every`` steps, and at the last one, the metrics of every part are drained
+        and logged with it: each drain holds everything recorded since the previous one.
+        """
         s, cfg = self.s, self.cfg
-        while self.step < cfg.run.max_steps:
+        reason = None
+        while reason is None:
+            if self.step >= cfg.run.max_steps:
+                return f"max_steps={cfg.run.max_steps} reached"
             if time.monotonic() > deadline:
                 return f"time limit of {cfg.run.max_time_s:.0f} s reached"
             step_started = time.monotonic()
@@ -257,7 +363,7 @@ class GRPORun:
                 await asyncio.sleep(0.01)  # no batch yet: too few episodes, or all too stale
                 batch = await s.replay_buffer.sample.call_one(curr_policy_version=self.version)
             inputs, targets = batch
-            losses = await s.trainer.train_step.call(inputs, targets)
+            loss = await s.trainer.train_step.call(inputs, targets)
             self.version += 1
             sync_started = time.monotonic()
             await s.trainer.push_weights.call(policy_version=self.version)
@@ -267,35 +373,45 @@ class GRPORun:
                 await s.policy.update_weights.fanout(policy_version=self.version, source=s.trainer)
             self.step += 1
             self.progress["training loop"] = time.monotonic()
-            metrics = await self.collect_metrics()
-            metrics.update({"trainer/loss_reported": float(next(iter(losses.values()))),
-                            "time/weight_sync_s": time.monotonic() - sync_started,
-                            "time/step_s": time.monotonic() - step_started,
-                            "policy/version": self.version})
-            if "reward/mean" in metrics:
+            metrics = {"trainer/loss_reported": float(next(iter(loss.values()))),
+                       "time/weight_sync_s": time.monotonic() - sync_started,
+                       "time/step_s": time.monotonic() - step_started, "policy/version": self.version}
+            if self.step_rewards:  # the groups made since the last step
+                metrics["reward/mean"] = sum(self.step_rewards) / len(self.step_rewards)
                 self.rewards.append(metrics["reward/mean"])
+                self.step_rewards = []
+            reason = self.stop_reason()
+            if reason is not None or self.step % cfg.run.log_every == 0:
+                metrics = {**await self.collect_metrics(), **metrics}
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
                 metrics["eval/accuracy"] = await self.evaluate()
             log.log(self.step, metrics)
             self.progress["training loop"] = time.monotonic()
             if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                 await self.checkpoint()
-            window = self.rewards[-cfg.run.reward_window:]
-            if (cfg.run.target_reward is not None and len(window) == cfg.run.reward_window
-                    and sum(window) / len(window) >= cfg.run.target_reward):
-                return f"mean reward {sum(window) / len(window):.3f} over the last {len(window)} steps reached the target"
-        return f"max_steps={cfg.run.max_steps} reached"
+        return reason
+
+    def stop_reason(self) -> str | None:
+        """Why the run stops after this step (the target or max_steps), or None."""
+        cfg = self.cfg
+        window = self.rewards[-cfg.run.reward_window:]
+        if (cfg.run.target_reward is not None and len(window) == cfg.run.reward_window
+                and sum(window) / len(window) >= cfg.run.target_reward):
+            return f"mean reward {sum(window) / len(window):.3f} over the last {len(window)} steps reached the target"
+        if self.step >= cfg.run.max_steps:
+            return f"max_steps={cfg.run.max_steps} reached"
+        return None
 
     async def collect_metrics(self) -> dict[str, float]:
-        """Drain record_metric accumulators of every process and reduce them."""
+        """Drain the record_metric accumulators of every process (one actor per process) and
+        reduce them: everything recorded since the previous drain."""
         s = self.s
-        singletons = [actor for name, actor in s.singletons().items() if name != "trainer"]
-        services = list(s.services().values())
         # The trainer on a line of its own, so a stall report names a hung trainer. A service
         # replica lost during the drain only leaves its metrics of this step out.
-        trainer_metrics, trainer_drained = await asyncio.gather(s.trainer.metrics.call(), drain_metrics(s.trainer))
+        trainer_drained = await drain_metrics(s.trainer)
         results = await asyncio.gather(
-            *(drain_metrics(part) for part in [*singletons, *services]),
+            *(drain_metrics(part) for part in [*self.s.one_actor_per_process(exclude="trainer"),
+                                                 *s.services().values()]),
             s.policy.statistics(),
         )
         parts = [drain_local_metrics(), *trainer_drained]
@@ -303,8 +419,6 @@ class GRPORun:
             parts += drained
         merged = merge_metrics(parts)
         stats = results[-1]
-        for key, value in next(iter(trainer_metrics.values())).items():
-            merged[f"trainer/{key}"] = float(value)
         merged["policy/healthy_replicas"] = float(stats.num_healthy)
         merged["policy/restarts"] = float(sum(r.num_restarts for r in stats.replicas))
         if self.generate_seconds:
@@ -386,9 +500,9 @@ class GRPORun:
     # ---- watchdog ------------------------------------------------------------------
 
     async def watchdog(self) -> None:
-        pids = {}
-        for name, actor in self.s.singletons().items():
-            pids.update({pid: name for pid in actor_pids(actor)})
+        pids: dict[int, str] = {}
+        for name, actor in self.s.singletons().items():  # co-located parts: "dataloader+reward+..."
+            pids.update({pid: f"{pids[pid]}+{name}" if pid in pids else name for pid in actor_pids(actor)})
         for name, service in self.s.services().items():  # as started; rebuilt replicas get new pids
             stats = await service.statistics()
             pids[stats.controller_pid] = f"{name} controller"

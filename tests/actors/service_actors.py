@@ -124,3 +124,21 @@ class Caller(ForgeActor):
             pinned = {(await service.whoami.route())["replica"] for _ in range(4)}
         everyone = [r["replica"] for r in await service.whoami.fanout()]
         return {"routed": routed, "pinned": sorted(pinned), "fanout": everyone, "pid": os.getpid()}
+
+
+class Tally(ForgeActor):
+    """A light actor (for co-location): adds numbers up; its ``__cleanup__`` can leave a marker file."""
+
+    def __init__(self, cleanup_marker: str | None = None) -> None:
+        self.total = 0
+        self.cleanup_marker = cleanup_marker
+
+    @endpoint
+    async def add(self, n: int) -> tuple[int, int]:
+        self.total += n
+        return self.total, os.getpid()
+
+    async def __cleanup__(self, exc) -> None:
+        if self.cleanup_marker:
+            with open(self.cleanup_marker, "w") as f:
+                f.write(str(self.total))

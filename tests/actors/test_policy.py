@@ -29,6 +29,20 @@ async def test_policy_service_generates_updates_weights_and_reports_versions():
         assert first.logprobs.dtype == torch.float32 and bool((first.logprobs <= 0).all())
         assert first.stop_reason in ("stop", "length") and first.generator_version == 0
 
+        # one message for several prompts: with a seed each, the same samples as one call per prompt
+        prompts = ["3+5=", "1+2=", [{"role": "user", "content": "4+4="}]]
+        seeds = [{"seed": 11}, {"seed": 12}, {"seed": 13}]
+        batched = await policy.generate_batch.route(prompts, sampling_config=seeds)
+        alone = [await policy.generate.route(p, sampling_config=c) for p, c in zip(prompts, seeds)]
+        assert [len(g) for g in batched] == [3, 3, 3] and batched[2][0].prompt == prompts[2]
+        assert ([[c.token_ids.tolist() for c in g] for g in batched]
+                == [[c.token_ids.tolist() for c in g] for g in alone])
+        for group, single in zip(batched, alone):
+            for c, d in zip(group, single):
+                torch.testing.assert_close(c.logprobs, d.logprobs, atol=1e-5, rtol=0)
+        with pytest.raises(Exception, match="2 sampling configs for 3 prompts"):
+            await policy.generate_batch.route(prompts, sampling_config=seeds[:2])
+
         chat = await policy.generate.route([{"role": "user", "content": "3+5="}],
                                            sampling_config={"n": 1, "temperature": 0})
         plain = await policy.generate.route("3+5=", sampling_config={"n": 1, "temperature": 0})

@@ -14,7 +14,10 @@ from typing import Iterator
 import pytest
 
 from apps.grpo.config import GRPOConfig
-from apps.grpo.main import DEFAULT_CONFIG, run
+import torch
+
+from apps.grpo.actors import Group
+from apps.grpo.main import DEFAULT_CONFIG, GRPORun, run, start_services, stop_services
 from forge.util.config import load_config
 from forge.util.failpoints import ENV as FAILPOINTS_ENV
 from forge.util.failpoints import arm, claimed_by
@@ -46,6 +49,49 @@ async def test_a_few_steps_of_the_real_pipeline_write_metrics_curves_and_summary
     assert (tmp_path / "curves.png").stat().st_size > 1000
     ids = json.loads((tmp_path / "trained_episodes.json").read_text())
     assert len(ids) == len(set(ids)) == 64
+
+
+async def one_prompt_group(grpo: GRPORun, sample: dict) -> Group:
+    """A group made the way the seeds' loop does: one prompt, one call per part."""
+    s = grpo.s
+    completions = await s.policy.generate.route(sample["request"], sampling_config={"seed": grpo.sampling_seed(sample)})
+    rewards = await s.reward.evaluate_responses.route(prompt=sample["question"], responses=[c.text for c in completions],
+                                                      target=sample["target"])
+    width = max(len(c.token_ids) for c in completions)
+    rows = torch.stack([torch.cat([c.prompt_ids, torch.nn.functional.pad(c.token_ids, (0, width - len(c.token_ids)))])
+                        for c in completions])
+    ref = await s.ref_model.forward.route(rows, max_req_tokens=len(completions[0].prompt_ids), return_logprobs=True)
+    group = grpo.new_group(sample, completions, rewards, ref)
+    for episode, advantage in zip(group.episodes, await s.compute_advantages.compute.call_one(group)):
+        episode.advantage = advantage
+    return group
+
+
+@pytest.mark.timeout(300)
+async def test_batched_rollouts_make_the_same_episodes_as_one_prompt_at_a_time(tmp_path):
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, QUICK + [f"run.output_dir={tmp_path}", "data.max_operand=12",
+                                                           "data.max_sum=24"])  # prompts of several lengths
+    services = await start_services(cfg, f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        await services.trainer.push_weights.call(policy_version=0)
+        await services.policy.update_weights.fanout(policy_version=0, source=services.trainer)
+        grpo = GRPORun(cfg, tmp_path, services, 0, [])
+        samples = await services.dataloader.sample_batch.call_one(6)
+        assert len({len(x["question"]) for x in samples}) > 1
+        batched = await grpo.make_groups(samples)  # one message per part for all six
+        one_by_one = [await one_prompt_group(grpo, sample) for sample in samples]
+    finally:
+        await stop_services(services)
+    assert [g.group_id for g in batched] == [g.group_id for g in one_by_one]
+    for group, expected in zip(batched, one_by_one):
+        for a, b in zip(group.episodes, expected.episodes):
+            assert (a.episode_id, a.request_tokens, a.response_tokens, a.response, a.reward, a.policy_version,
+                    a.request_len, a.response_len) == (b.episode_id, b.request_tokens, b.response_tokens, b.response,
+                                                       b.reward, b.policy_version, b.request_len, b.response_len)
+            assert a.advantage == pytest.approx(b.advantage, abs=1e-6)
+            assert a.response_logprobs == pytest.approx(b.response_logprobs, abs=1e-5)
+            assert a.ref_logprobs == pytest.approx(b.ref_logprobs.tolist() if hasattr(b.ref_logprobs, "tolist")
+                                                   else b.ref_logprobs, abs=1e-5)
 
 
 def start_app(tmp_path: Path, tag: str, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -225,13 +271,15 @@ async def test_policy_and_trainer_on_different_hosts_sync_weights_across_hosts(t
     assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15), procs_with_env("FORGE_TEST_TAG", tag)
 
 
-@pytest.mark.timeout(300)
-async def test_data_parallel_trainer_replicated_policy_and_rolling_updates_in_the_app(tmp_path):
-    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, QUICK + [
-        "run.max_steps=3", f"run.output_dir={tmp_path}", "trainer.procs=2", "policy.num_replicas=2",
-        "run.weight_update=rolling", "run.checkpoint_every=2", "run.export=checkpoints"])
-    summary = await run(cfg, tmp_path)
+@pytest.mark.timeout(400)
+async def test_every_part_apart_a_data_parallel_trainer_replicated_policy_train_and_resume(tmp_path):
+    # The other layout (no part shares a process), with metrics drained every 2 steps.
+    args = QUICK + [f"run.output_dir={tmp_path}", "trainer.procs=2", "policy.num_replicas=2", "colocate=[]",
+                    "run.weight_update=rolling", "run.checkpoint_every=2", "run.export=checkpoints", "run.log_every=2"]
+    summary = await run(load_config(GRPOConfig, DEFAULT_CONFIG, args + ["run.max_steps=3"]), tmp_path)
     assert summary["steps"] == 3
+    processes = json.loads((tmp_path / "processes.json").read_text())
+    assert {"dataloader", "replay_buffer", "compute_advantages", "trainer"} <= set(processes.values())
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["policy/healthy_replicas"] == 2 and lines[-1]["policy/version"] == 3
     # the trainer's checkpoint is sharded (one file per rank); the export is a Hugging Face directory
@@ -240,6 +288,16 @@ async def test_data_parallel_trainer_replicated_policy_and_rolling_updates_in_th
     assert {"rank-0.pt", "rank-1.pt", ".metadata"} <= {p.name for p in (tmp_path / "checkpoints/trainer-00000002").iterdir()}
     assert summary["final_model"] == str(tmp_path / "final_model")
     assert (tmp_path / "final_model" / "model.safetensors").is_file()
+
+    resumed = await run(load_config(GRPOConfig, DEFAULT_CONFIG, args + ["run.max_steps=5"]), tmp_path, resume=True)
+    assert resumed["steps"] == 5 and resumed["episodes_trained"] == 5 * 16
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4, 5]  # step 3 of the first run was cut at the resume
+    drained = [l["step"] for l in lines if "trainer/loss" in l]
+    assert drained == [2, 4, 5]  # every log_every steps, and the last
+    # each drain holds everything since the previous one: no episode the trainer got is missing
+    assert sum(l.get("buffer/sampled", 0) for l in lines) == resumed["episodes_trained"]
+    assert lines[-1]["policy/version"] == 5
 
 
 @pytest.mark.timeout(300)

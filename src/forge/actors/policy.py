@@ -14,6 +14,7 @@ comes from the weights its ``generator_version`` names.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import time
 from dataclasses import dataclass, field
@@ -127,7 +128,25 @@ class Policy(ForgeActor):
     @concurrent_endpoint
     async def generate(self, prompt: Any, *, sampling_config: dict | None = None) -> list[Completion]:
         """``n`` completions of ``prompt`` (a string or chat messages)."""
-        params = self.sampling.merged(sampling_config)
+        return await self._generate(prompt, self.sampling.merged(sampling_config))
+
+    @concurrent_endpoint
+    async def generate_batch(self, prompts: list[Any], *,
+                             sampling_config: dict | list[dict | None] | None = None) -> list[list[Completion]]:
+        """``generate`` for several prompts in one message: one list of ``n`` completions per
+        prompt, decoded together in the engine's batch. ``sampling_config`` is one override
+        for every prompt or a list of one per prompt (e.g. a ``seed`` each: a prompt with a
+        seed gets the same samples whether it comes alone or in a batch)."""
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError(f"Policy.generate_batch: prompts must be a non-empty list, got {type(prompts).__name__}")
+        overrides = sampling_config if isinstance(sampling_config, list) else [sampling_config] * len(prompts)
+        if len(overrides) != len(prompts):
+            raise ValueError(f"Policy.generate_batch: {len(overrides)} sampling configs for {len(prompts)} prompts; "
+                             "give one per prompt, or one dict for all")
+        params = [self.sampling.merged(o) for o in overrides]  # bad values raise before anything is decoded
+        return list(await asyncio.gather(*(self._generate(p, q) for p, q in zip(prompts, params))))
+
+    async def _generate(self, prompt: Any, params: SamplingParams) -> list[Completion]:
         prompt_ids = self._encode(prompt)
         failpoint("Policy.generate")
         started = time.monotonic()

@@ -307,10 +307,12 @@ class ReplayBuffer(ForgeActor):
     async def sample(self, curr_policy_version: int, batch_size: int | None = None) -> Any:
         from forge.observability import record_metric
 
+        sampled = self.buffer.num_sampled
         batch = self.buffer.sample(curr_policy_version, batch_size)
         record_metric("buffer/size", len(self.buffer), "last")
         if batch is not None:
             record_metric("buffer/staleness", self.buffer.last_staleness, "mean")
+            record_metric("buffer/sampled", self.buffer.num_sampled - sampled, "sum")
         record_metric("buffer/evicted_total", self.buffer.num_evicted, "last")
         return batch
 

@@ -47,6 +47,7 @@ from forge.data.batch import TrainInputs, TrainTargets
 from forge.util.checks import check_bool, check_choice, check_int, check_number, check_positive
 from forge.util.config import build
 from forge.losses import LossConfig, TokenScorer, grpo_loss
+from forge.observability.metrics import record_metric
 from forge.util.procs import current_rss, peak_rss, return_large_frees_to_the_os
 from forge.weights import WeightStore
 
@@ -55,6 +56,17 @@ logger = logging.getLogger(__name__)
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 TRAIN_DTYPES = ("float32", "bfloat16")  # fp16 would need loss scaling; bf16 does not
 COUNTS = ("num_tokens", "behaviour_fallback_tokens")  # metrics summed, not averaged over tokens
+
+
+def _reduce_of(key: str) -> str:
+    """How a train-step metric reduces over the steps between two drains of ``record_metric``:
+    counts are summed, memory peaks maxed, the learning rate is its latest value, and the
+    rest (loss, KL, grad norm, ...) are averaged."""
+    if key in COUNTS:
+        return "sum"
+    if key.startswith("memory/"):
+        return "max"
+    return "last" if key == "lr" else "mean"
 
 
 @dataclass(frozen=True)
@@ -330,6 +342,9 @@ class RLTrainer(ForgeActor):
             "step_time_s": time.monotonic() - started, "microbatches": float(len(parts)),
             **self._over_all_ranks(sums.means()), **self._memory(),
         }
+        if self.rank == 0:  # global values: one rank's record is the whole batch's
+            for key, value in self.state.metrics.items():
+                record_metric(f"trainer/{key}", value, _reduce_of(key))
         if self.checkpointing.interval and self.state.step % self.checkpointing.interval == 0:
             self._save_checkpoint()
         return global_loss

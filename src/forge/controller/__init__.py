@@ -1,10 +1,11 @@
-"""Forge's controller layer: ``ForgeActor`` (actors and services), host pools, routers and errors.
+"""Forge's controller layer: ``ForgeActor`` (actors and services), process groups, host pools, routers and errors.
 
 Everything an application needs comes from here; the submodules are the implementation.
 """
 
 from forge.controller.actor import ForgeActor
 from forge.controller.actor_mesh import ForgeActorMesh
+from forge.controller.colocation import ProcGroup
 from forge.controller.drain import drain_metrics
 from forge.controller.endpoints import checked_in_caller, replay_on_rebuild
 from forge.controller.errors import (
@@ -30,6 +31,7 @@ from forge.controller.spawn import actor_alive, actor_pids
 
 __all__ = [
     "ForgeActor",
+    "ProcGroup",
     "ServiceHandle",
     "ServiceStats",
     "ReplicaFailure",

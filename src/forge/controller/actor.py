@@ -1,12 +1,14 @@
 """``ForgeActor``: a Monarch ``Actor`` that can be spawned as one actor or as a service.
 
 ``Cls.options(...)`` returns a configured subclass (the original class is untouched) whose
-``procs``, ``num_replicas``, ``with_gpus``, ``hosts`` and ``host_group`` attributes show the
-placement; ``Cls.as_actor()`` / ``Cls.as_service()`` work on the class itself with the
-defaults. ``as_actor`` spawns one ProcMesh with the actor on it and returns a
-``ForgeActorMesh`` — Monarch's ActorMesh (``call_one``, ``choose``, ``call``,
-``broadcast``, ``stream``) plus ``route()`` on a one-process actor; ``as_service`` spawns
-a service controller that owns ``num_replicas`` replicas and returns a ``ServiceHandle``.
+``procs``, ``num_replicas``, ``with_gpus``, ``hosts``, ``host_group`` and ``on`` attributes
+show the placement; ``Cls.as_actor()`` / ``Cls.as_service()`` work on the class itself with
+the defaults. ``as_actor`` spawns one ProcMesh with the actor on it (with
+``on=ProcGroup(...)``, it shares the group's processes with other actors: see
+``forge.controller.colocation``) and returns a ``ForgeActorMesh`` — Monarch's ActorMesh
+(``call_one``, ``choose``, ``call``, ``broadcast``, ``stream``) plus ``route()`` on a
+one-process actor; ``as_service`` spawns a service controller that owns ``num_replicas``
+replicas and returns a ``ServiceHandle``.
 
 Two adaptations happen when a subclass is defined:
 
@@ -34,6 +36,7 @@ from monarch._src.actor.endpoint import EndpointProperty
 from monarch.actor import Actor, endpoint
 
 from forge.controller import spawn
+from forge.controller.colocation import ProcGroup
 from forge.controller.endpoints import BUILT_IN, CONTROLLER, DRAIN, PING, endpoints_of
 from forge.controller.options import PlacementOptions, ServiceOptions, parse_options
 from forge.observability.metrics import drain_local_metrics
@@ -107,7 +110,7 @@ def _current_controller(actor: Any, update: Any) -> Any:
     return getattr(actor, "_forge_current_controller", None)
 
 
-_PLACEMENT_ATTRIBUTES = ("procs", "num_replicas", "with_gpus", "hosts", "host_group")
+_PLACEMENT_ATTRIBUTES = ("procs", "num_replicas", "with_gpus", "hosts", "host_group", "on")
 
 
 class ForgeActor(Actor):
@@ -122,6 +125,7 @@ class ForgeActor(Actor):
     with_gpus: ClassVar[bool] = False
     hosts: ClassVar[int | None] = None
     host_group: ClassVar[str | None] = None
+    on: ClassVar[ProcGroup | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -138,10 +142,13 @@ class ForgeActor(Actor):
         with_gpus: bool = False,
         hosts: int | None = None,
         host_group: str | None = None,
+        on: ProcGroup | None = None,
         **service_options: Any,
     ) -> "type[ForgeActor]":
         """A copy of this class configured with placement and service options.
 
+        ``on=ProcGroup(...)`` makes ``as_actor()`` share that group's processes with the
+        group's other actors instead of spawning its own (``forge.controller.colocation``).
         Raises ``ValueError`` for an unknown option or an invalid value, before anything
         is spawned. See ``forge.controller.options`` for the service options.
         """
@@ -149,7 +156,7 @@ class ForgeActor(Actor):
             PlacementOptions(),
             ServiceOptions(),
             dict(procs=procs, num_replicas=num_replicas, with_gpus=with_gpus, hosts=hosts, host_group=host_group,
-                 **service_options),
+                 on=on, **service_options),
         )
         base = cls._forge_base or cls
         own = base.__mro__[: base.__mro__.index(ForgeActor)]  # a subclass's own attribute of these names wins
@@ -188,8 +195,9 @@ class ForgeActor(Actor):
     async def as_actor(cls, *args: Any, **kwargs: Any) -> ForgeActorMesh:
         """Spawn ``procs`` processes with one actor each; returns a ``ForgeActorMesh``.
 
-        The ``setup`` endpoint, if the class has one, is awaited on every rank first.
-        Stop it with ``await Cls.shutdown(actor)``.
+        With ``options(on=group)`` the actor runs on the group's processes (spawned by the
+        group's first actor). The ``setup`` endpoint, if the class has one, is awaited on
+        every rank first. Stop it with ``await Cls.shutdown(actor)``.
         """
         return await spawn.spawn_actor(cls, args, kwargs)
 
@@ -200,7 +208,11 @@ class ForgeActor(Actor):
 
     @classmethod
     async def shutdown(cls, actor: Any) -> None:
-        """Stop an actor from ``as_actor`` or a service from ``as_service``."""
+        """Stop an actor from ``as_actor`` or a service from ``as_service``.
+
+        An actor on a shared ``ProcGroup`` stops alone; the group's processes stop with its
+        last actor (or ``group.stop()``).
+        """
         await spawn.stop(cls, actor)
 
 

@@ -1,7 +1,7 @@
 """Typed options of ``ForgeActor.options(...)``, validated before anything is spawned.
 
-``procs``, ``num_replicas``, ``with_gpus``, ``hosts`` and ``host_group`` say where an actor runs
-(``PlacementOptions``); every other keyword configures the service layer
+``procs``, ``num_replicas``, ``with_gpus``, ``hosts``, ``host_group`` and ``on`` say where an
+actor runs (``PlacementOptions``); every other keyword configures the service layer
 (``ServiceOptions``). A wrong name, type or value raises ``ValueError`` naming the
 option and what would be valid.
 """
@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.controller.colocation import ProcGroup
 from forge.controller.service.routers import Router, make_router_factory
 from forge.util.checks import check_bool, check_int, check_seconds
 
@@ -25,6 +26,7 @@ class PlacementOptions:
     with_gpus: bool = False  # one CUDA device per process via CUDA_VISIBLE_DEVICES
     hosts: int | None = None  # hosts per replica (needs a host pool, except 1 = this host without one)
     host_group: str | None = None  # which group of the host pool (forge.controller.init_hosts)
+    on: ProcGroup | None = None  # as_actor() only: share this group's processes (compared by identity)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ def _validate_placement(p: PlacementOptions) -> None:
         check_int("option 'hosts'", p.hosts, 1)
     if p.host_group is not None and (not isinstance(p.host_group, str) or not p.host_group):
         raise ValueError(f"option 'host_group' must be the name of a host group (a str), got {p.host_group!r}")
+    if p.on is not None and not isinstance(p.on, ProcGroup):
+        raise ValueError(f"option 'on' must be a forge.controller.ProcGroup (processes shared by several actors) "
+                         f"or None, got {p.on!r}")
 
 
 def _validate_service(s: ServiceOptions) -> ServiceOptions:

@@ -1,8 +1,10 @@
 """Spawning and stopping: what ``ForgeActor.as_actor``, ``as_service`` and ``shutdown`` do.
 
-``spawn_actor`` places one actor mesh (on this host or a host pool), waits for every rank
-and runs ``setup``; ``spawn_service`` starts a service controller (owned here by a
-``_ServiceOwner``, which also replaces it when it dies) and returns a ``ServiceHandle``;
+``spawn_actor`` puts one actor mesh on the processes of a ``ProcGroup`` — the one of
+``options(on=...)``, or a private group that spawns processes for this actor alone (on
+this host or a host pool) — waits for every rank and runs ``setup``; ``spawn_service``
+starts a service controller (owned here by a ``_ServiceOwner``, which also replaces it
+when it dies) and returns a ``ServiceHandle``;
 ``stop`` stops either. What was spawned for an actor is kept per process
 (``_actor_resources``), so ``actor_alive`` and ``actor_pids`` answer without a message.
 
@@ -16,7 +18,6 @@ import asyncio
 import functools
 import itertools
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from monarch._src.actor.actor_mesh import ActorMesh
 from monarch.actor import this_host
 
 from forge.controller.actor_mesh import ForgeActorMesh
+from forge.controller.colocation import Processes, ProcGroup
 from forge.controller.endpoints import (
     RESERVED_SERVICE_NAMES,
     caller_checks,
@@ -33,24 +35,9 @@ from forge.controller.endpoints import (
     start_mesh,
     user_endpoints,
 )
-from forge.controller.errors import ForgeUsageError
-from forge.controller.hosts import (
-    current_pool,
-    place,
-    placement_alive,
-    release_placement,
-    spawn_placed,
-    supervision_env,
-    wait_for_returns,
-)
-from forge.controller.provisioner import (
-    CONTROLLER_ENV,
-    ensure_runtime,
-    gpu_allocator,
-    rank_env,
-    spawn_proc_mesh,
-    stop_quietly,
-)
+from forge.controller.errors import ForgeUsageError, ReplicaFailed
+from forge.controller.hosts import current_pool, supervision_env
+from forge.controller.provisioner import CONTROLLER_ENV, ensure_runtime, gpu_allocator, spawn_proc_mesh, stop_quietly
 from forge.controller.service.controller import CONTROLLER_OF_ENV, ServiceController, ServiceSpec
 from forge.controller.service.handle import ServiceHandle
 from forge.util.procs import kill_tagged, pid_alive
@@ -58,6 +45,10 @@ from forge.util.procs import kill_tagged, pid_alive
 logger = logging.getLogger("forge.controller")
 
 _actor_counter = itertools.count()
+
+# Monarch 0.7 refuses to spawn an actor on a ProcMesh where an actor has failed (a
+# supervision event); its other actors keep running. A stopped actor does not count.
+_REFUSED_AFTER_A_FAILURE = "Cannot spawn new actors on mesh with supervision events"
 
 
 def check_before_spawn(cls: Any, args: tuple, kwargs: dict) -> None:
@@ -106,28 +97,26 @@ async def spawn_actor(cls: Any, args: tuple, kwargs: dict) -> ForgeActorMesh:
             f"{placement.num_replicas}; use as_service() for replicas"
         )
     base, what, request, name = _prepare(cls, args, kwargs, "as_actor")
-    res = _ActorResources(request=request)
+    group = placement.on or ProcGroup(name)  # a private group's processes stop with its one actor
+    res = _ActorResources(group=group, procs=await group.join(placement, request, what))
     try:
-        if request is not None:
-            res.placement = await place(request, what)
-            res.proc_mesh = spawn_placed(request, res.placement, name)
-        else:
-            res.gpus = gpu_allocator.allocate(placement.procs, what) if placement.with_gpus else None
-            res.proc_mesh = spawn_proc_mesh(
-                this_host(), placement.procs, rank_env(placement.procs, res.gpus), name=name
-            )
-        actors = ForgeActorMesh.wrap(res.proc_mesh.spawn(name, base, *args, **kwargs))
-        res.pids = await start_mesh(actors, "setup" in endpoints_of(base),
+        res.actors = ForgeActorMesh.wrap(res.procs.proc_mesh.spawn(name, base, *args, **kwargs))
+        res.pids = await start_mesh(res.actors, "setup" in endpoints_of(base),
                                     cls._forge_service_options.spawn_timeout_s, what)
-    except BaseException:
+    except BaseException as e:
         await res.release()
+        if placement.on is not None and isinstance(e, ReplicaFailed) and _REFUSED_AFTER_A_FAILURE in str(e):
+            raise ReplicaFailed(
+                f"{what}: an actor on {placement.on!r} has failed (e.g. raised in __init__), and Monarch spawns "
+                "no more actors on processes where one failed; its other actors keep running. Shut them down (or "
+                f"call group.stop()) so the next as_actor() gets fresh processes. Monarch: {str(e)[:300]}"
+            ) from None
         raise
-    res.actors = actors  # holding actors keeps the id unique
-    _actor_resources[id(actors)] = res
-    if request is not None:  # the pool's shutdown stops it first, if the user has not
-        res.pool = current_pool()
-        res.pool.track(res, functools.partial(stop, cls, actors))
-    return actors
+    res.procs.pids = res.procs.pids or res.pids
+    _actor_resources[id(res.actors)] = res  # res holds the actors, which keeps the id unique
+    if res.procs.pool is not None:  # the pool's shutdown stops it first, if the user has not
+        res.procs.pool.track(res, functools.partial(stop, cls, res.actors))
+    return res.actors
 
 
 async def spawn_service(cls: Any, args: tuple, kwargs: dict) -> ServiceHandle:
@@ -139,6 +128,12 @@ async def spawn_service(cls: Any, args: tuple, kwargs: dict) -> ServiceHandle:
         raise ValueError(
             f"{base.__name__} has endpoint(s) {clashes} whose names a service handle uses "
             f"itself ({sorted(RESERVED_SERVICE_NAMES)}); rename them"
+        )
+    if cls._forge_placement.on is not None:
+        raise ValueError(
+            f"{base.__name__}.as_service(): option 'on' ({cls._forge_placement.on!r}) co-locates actors from "
+            "as_actor(); a service's replicas each get their own processes (and are rebuilt on their own). "
+            "Drop on=, or spawn the actor with as_actor()"
         )
     base, what, request, name = _prepare(cls, args, kwargs, "as_service")
     placement, options = cls._forge_placement, cls._forge_service_options
@@ -172,7 +167,11 @@ def _service_gpus(placement: Any, what: str) -> tuple[tuple[str, ...], ...]:
 
 
 async def stop(cls: Any, actor: Any) -> None:
-    """``cls.shutdown(actor)``: stop an actor from ``as_actor`` or a service from ``as_service``."""
+    """``cls.shutdown(actor)``: stop an actor from ``as_actor`` or a service from ``as_service``.
+
+    An actor on a ``ProcGroup`` shared with others is stopped on its own (its actor mesh);
+    the group's processes stop with its last actor.
+    """
     if isinstance(actor, ServiceHandle):
         await actor.shutdown()
         return
@@ -194,15 +193,18 @@ async def actor_alive(actor: Any) -> bool:
     resources = _actor_resources.get(id(actor))
     if resources is None:
         raise ForgeUsageError(f"actor_alive() got {actor!r}, which is not a running actor from as_actor()")
-    if resources.placement is not None:
-        resources.pool.check()  # a dead registry is not the actor's death: HostRegistryLost names it
-        call = resources.request.registry.alive.call_one(resources.placement, list(resources.pids))
+    procs = resources.procs
+    if procs is None or procs.stopping:  # e.g. its ProcGroup was stopped
+        return False
+    if procs.placement is not None:
+        procs.pool.check()  # a dead registry is not the actor's death: HostRegistryLost names it
+        call = procs.request.registry.alive.call_one(procs.placement, list(resources.pids))
         try:
             return await asyncio.wait_for(call, 30)  # a registry silent this long raises TimeoutError
         except asyncio.TimeoutError:
             raise
         except Exception:  # the registry is gone: the pool is shutting down, or it died
-            resources.pool.check()
+            procs.pool.check()
             return False
     return all(pid_alive(p) for p in resources.pids)
 
@@ -217,38 +219,25 @@ def actor_pids(actor: Any) -> tuple[int, ...]:
 
 @dataclass
 class _ActorResources:
-    """What ``as_actor`` spawned for one actor: its processes, and their GPUs or host placement."""
+    """One actor from ``as_actor``: its actor mesh and the group processes it holds a reference to."""
 
+    group: ProcGroup
+    procs: Processes | None  # None once released
     actors: Any = None
-    proc_mesh: Any = None
-    gpus: list[str] | None = None
     pids: tuple[int, ...] = ()
-    request: Any = None  # HostRequest when the actor is on the host pool
-    placement: Any = None
-    pool: Any = None
 
     async def release(self, graceful: bool = False) -> None:
-        if self.pool is not None:
-            self.pool.untrack(self)
-        stopped = False
-        try:
-            if self.placement is not None and self.proc_mesh is not None:
-                if await placement_alive(self.request, self.placement) is False:
-                    await wait_for_returns(time.monotonic(), self.request.failure_timeout_s)
-            if self.proc_mesh is not None:
-                if graceful:
-                    await asyncio.wait_for(self.proc_mesh.stop(), 30)
-                    stopped = True
-                else:
-                    stopped = await stop_quietly(self.proc_mesh)
-            else:
-                stopped = True
-        finally:
-            if self.placement is not None:
-                await release_placement(self.request, self.placement, () if stopped else self.pids)
-            if self.gpus:
-                gpu_allocator.release(self.gpus)
-            self.proc_mesh = self.placement = self.gpus = None
+        """Give the processes back; while other actors keep them up, stop this actor's mesh alone."""
+        procs, self.procs = self.procs, None
+        if procs is None:
+            return
+        if procs.pool is not None:
+            procs.pool.untrack(self)
+        if await self.group.leave(procs, graceful) and self.actors is not None:
+            try:  # Monarch stops the actor mesh (runs its __cleanup__) and leaves its processes up
+                await asyncio.wait_for(self.actors.stop(), 30)
+            except Exception as e:  # noqa: BLE001 - it broke or its processes died: it is gone either way
+                logger.info("stopping actor mesh %r on %r: %s", self.actors, self.group, e)
 
 
 # id(ActorMesh) -> what as_actor spawned for it, for actors alive in this process.
