@@ -95,8 +95,8 @@ class TrainerConfig:
     procs: int = 1  # data-parallel ranks per host
     hosts: int = 1  # hosts the trainer spans (> 1 needs placement.trainer); ranks = procs * hosts
     with_gpus: bool = False
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=3e-3))
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(local_batch_size=128, seq_len=64))
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-3))
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(local_batch_size=64, seq_len=64))
     loss: LossConfig = field(default_factory=LossConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
 
@@ -111,7 +111,7 @@ class TrainerConfig:
 
 @dataclass
 class BufferConfig:
-    batch_size: int = 128  # episodes per train step
+    batch_size: int = 64  # episodes per train step
     max_policy_age: int = 1
     max_buffer_size: int = 0
     max_resample: int = 1
@@ -159,9 +159,9 @@ class ModelConfig:
 
 # The parts of the GRPO app, as ``placement:`` and ``colocate:`` name them.
 PARTS = ("dataloader", "policy", "trainer", "replay_buffer", "compute_advantages", "ref_model", "reward")
-# Parts that may share a process with others (``colocate:``); the generator and the trainer
-# keep their own (services of replicas, GPUs, data-parallel ranks).
-COLOCATABLE = ("dataloader", "replay_buffer", "compute_advantages", "reward", "ref_model")
+# Parts that may share a process with others (``colocate:``). The generator keeps its own (a
+# service whose replicas are rebuilt); the trainer may host others only on one process.
+COLOCATABLE = ("dataloader", "replay_buffer", "compute_advantages", "reward", "ref_model", "trainer")
 LIGHT_PARTS = ["dataloader", "replay_buffer", "compute_advantages", "reward"]
 
 
@@ -182,10 +182,11 @@ class GRPOConfig:
     placement: dict[str, str] = field(default_factory=dict)  # part -> host group, e.g. {policy: gen, trainer: train}
     metrics: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard", "wandb"])
     # Groups of parts that share one process each, as actors (a co-located reward or
-    # reference model is one actor, not a service of replicas). The default puts the light
-    # parts together, which is fastest on a small machine (bench/grpo_overhead.py); [] gives
-    # every part its own processes, as a large run wants.
-    colocate: list[list[str]] = field(default_factory=lambda: [list(LIGHT_PARTS)])
+    # reference model is one actor, not a service of replicas). [] gives every part its own
+    # processes, as a large run wants. Unset (auto): the light parts share one process and a
+    # one-process trainer hosts the reference model, which is fastest on a small machine
+    # (bench/grpo_overhead.py); parts with replicas or on other host groups keep their own.
+    colocate: list[list[str]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
@@ -261,7 +262,18 @@ class GRPOConfig:
             raise ValueError(f"trainer.hosts={self.trainer.hosts} but group {trainer_group!r} has "
                              f"{sizes[trainer_group]} host(s)")
 
+    def _auto_colocate(self) -> list[list[str]]:
+        light = [p for p in LIGHT_PARTS if p != "reward" or self.reward.num_replicas == 1]
+        light = [p for p in light if self.placement.get(p) == self.placement.get(light[0])]
+        groups = [light]
+        if (self.uses_reference and self.trainer.num_ranks == 1 and self.ref_model_replicas == 1
+                and self.placement.get("ref_model") == self.placement.get("trainer")):
+            groups.append(["trainer", "ref_model"])
+        return [g for g in groups if len(g) > 1]
+
     def _validate_colocate(self) -> None:
+        if self.colocate is None:
+            self.colocate = self._auto_colocate()
         if not isinstance(self.colocate, list) or not all(isinstance(g, list) for g in self.colocate):
             raise ValueError(f"colocate must be a list of lists of parts, e.g. [{LIGHT_PARTS}], got {self.colocate!r}")
         seen: set[str] = set()
@@ -275,6 +287,9 @@ class GRPOConfig:
                 if part in seen:
                     raise ValueError(f"colocate: {part!r} is in more than one group")
                 seen.add(part)
+            if "trainer" in group and self.trainer.num_ranks > 1:
+                raise ValueError(f"colocate: the trainer has {self.trainer.num_ranks} data-parallel ranks "
+                                 "(trainer.procs * trainer.hosts); only a one-process trainer shares its process")
             replicas = {"reward": self.reward.num_replicas, "ref_model": self.ref_model_replicas}
             for part in set(group) & set(replicas):
                 if replicas[part] > 1:
@@ -287,7 +302,7 @@ class GRPOConfig:
             if len(host_groups) > 1:
                 raise ValueError(f"colocate: {group} share one process, but placement puts them on different host "
                                  f"groups {sorted(map(str, host_groups))}; place them on one group")
-        self.colocate = [g for g in self.colocate if g]
+        self.colocate = [g for g in self.colocate if len(g) > 1]  # one part alone shares nothing
 
     def engine_config(self) -> EngineConfig:
         return self.policy.engine

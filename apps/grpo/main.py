@@ -229,6 +229,7 @@ class GRPORun:
         self.stopping = False
         self.groups_made = 0
         self.step_rewards: list[float] = []  # rewards of the groups made since the last step
+        self.added = asyncio.Event()  # set when a rollout task added episodes to the buffer
         self.tokens_generated = 0
         self.generate_seconds = 0.0
         self.math = MathReward()
@@ -250,6 +251,7 @@ class GRPORun:
                 groups = await self.make_groups(samples)
                 if groups:
                     await s.replay_buffer.add.call_one([e for g in groups for e in g.episodes])
+                    self.added.set()
                 self.groups_made += len(groups)
                 self.progress[f"rollout loop {index}"] = time.monotonic()
             finally:
@@ -358,10 +360,7 @@ class GRPORun:
             if time.monotonic() > deadline:
                 return f"time limit of {cfg.run.max_time_s:.0f} s reached"
             step_started = time.monotonic()
-            batch = await s.replay_buffer.sample.call_one(curr_policy_version=self.version)
-            while batch is None:
-                await asyncio.sleep(0.01)  # no batch yet: too few episodes, or all too stale
-                batch = await s.replay_buffer.sample.call_one(curr_policy_version=self.version)
+            batch = await self.next_batch()
             inputs, targets = batch
             loss = await s.trainer.train_step.call(inputs, targets)
             self.version += 1
@@ -390,6 +389,20 @@ class GRPORun:
             if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                 await self.checkpoint()
         return reason
+
+    async def next_batch(self) -> Any:
+        """The replay buffer's next batch for the current version. With too few fresh episodes
+        it asks again when a rollout task has added some (not on a timer: every ask is a
+        message, and the CPU it costs is the generators')."""
+        while True:
+            self.added.clear()
+            batch = await self.s.replay_buffer.sample.call_one(curr_policy_version=self.version)
+            if batch is not None:
+                return batch
+            try:
+                await asyncio.wait_for(self.added.wait(), 1.0)  # bounded: e.g. a restored buffer
+            except asyncio.TimeoutError:
+                pass
 
     def stop_reason(self) -> str | None:
         """Why the run stops after this step (the target or max_steps), or None."""
@@ -589,13 +602,18 @@ async def _prepare_run(cfg: GRPOConfig, run_dir: Path, services: Services, resum
     """The run's state: restored from the last checkpoint, or with the generators on version 0."""
     from forge.models import load_tokenizer
 
-    eval_rows = await services.dataloader.eval_rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else []
-    grpo = GRPORun(cfg, run_dir, services, load_tokenizer(cfg.model.path).pad_token_id or 0, eval_rows)
-    if resume:
-        await grpo.restore(run_dir)
-    else:  # the generators start from exactly the trainer's weights, version 0
+    async def first_version() -> None:  # the generators start from exactly the trainer's weights
         await services.trainer.push_weights.call(policy_version=0)
         await services.policy.update_weights.fanout(policy_version=0, source=services.trainer)
+
+    # The tokenizer (for its pad id) loads on a thread while the parts answer.
+    tokenizer, eval_rows, _ = await asyncio.gather(
+        asyncio.to_thread(load_tokenizer, cfg.model.path),
+        services.dataloader.eval_rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else _nothing(),
+        _nothing() if resume else first_version())
+    grpo = GRPORun(cfg, run_dir, services, tokenizer.pad_token_id or 0, eval_rows or [])
+    if resume:
+        await grpo.restore(run_dir)
     # every sampled id; cut back to the checkpoint on a resume
     await services.replay_buffer.record_ids_to.call_one(str(run_dir / "trained_episodes.txt"))
     return grpo

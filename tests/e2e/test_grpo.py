@@ -129,7 +129,7 @@ def pid_of(parent: Path, name: str) -> int:
 
 def pid_of_run(run_dir: Path, name: str) -> int:
     processes = json.loads((run_dir / "processes.json").read_text())
-    return next(int(pid) for pid, what in processes.items() if what == name)
+    return next(int(pid) for pid, what in processes.items() if name in what.split("+"))  # co-located: a+b
 
 
 def running_with_pids(parent: Path, steps: int) -> bool:

@@ -64,11 +64,37 @@ BAD = [
     (["model.path=''"], "model.path"),
     (["model.bogus=1"], r"config.model: unknown field\(s\) \['bogus'\]"),
     (["policy.engine.dtype=bfloat16"], "set it once, with model.dtype"),
-    (["trainer.training.local_batch_size=64"], "raise local_batch_size to 128"),
+    (["trainer.training.local_batch_size=32"], "raise local_batch_size to 64"),
     (["trainer.training.max_tokens_per_microbatch=-1"], "training max_tokens_per_microbatch"),
     (["trainer.training.activation_checkpointing=2"], "activation_checkpointing"),
     (["run.export=zip"], "run.export"),
+    (["run.groups_per_rollout=0"], "run.groups_per_rollout"),
+    (["colocate=[[policy, reward]]"], "'policy' cannot share a process: it keeps its own processes"),
+    (["colocate=[[dataloader, buffer]]"], "'buffer' cannot share a process: it is not a part"),
+    (["colocate=[[reward], [reward, dataloader]]"], "'reward' is in more than one group"),
+    (["colocate=[[reward, dataloader]]", "reward.num_replicas=2"], "set reward.num_replicas=1 or take reward out"),
+    (["colocate=[[trainer, ref_model]]", "trainer.procs=2"], "only a one-process trainer shares its process"),
+    (["colocate=dataloader"], "config.colocate must be a list"),
+    (["hosts={source: process_job, groups: {a: 1, b: 1}}", "placement={reward: a}", "colocate=[[reward, dataloader]]"],
+     "placement puts them on different host groups"),
 ]
+
+
+def test_colocation_auto_shares_what_can_share_and_an_empty_list_shares_nothing():
+    def colocate(*overrides):
+        return load_config(GRPOConfig, DEFAULT_CONFIG, list(overrides)).colocate
+
+    light = ["dataloader", "replay_buffer", "compute_advantages", "reward"]
+    assert colocate() == [light, ["trainer", "ref_model"]]
+    assert colocate("colocate=[]") == []
+    # a part with replicas keeps its service; a data-parallel trainer and beta=0 host nothing
+    assert colocate("reward.num_replicas=2", "trainer.procs=2") == [light[:3]]
+    assert colocate("trainer.loss.beta=0") == [light]
+    assert colocate("colocate=[[dataloader, ref_model]]", "trainer.loss.beta=0") == []  # nothing to share with
+    # parts on another host group keep to themselves
+    hosts = "hosts={source: process_job, groups: {gen: 1, train: 1}}"
+    assert colocate(hosts, "placement={policy: gen, trainer: train}") == [light]
+    assert colocate(hosts, "placement={trainer: train, ref_model: train}") == [light, ["trainer", "ref_model"]]
 
 
 @pytest.mark.parametrize("overrides, named", BAD)

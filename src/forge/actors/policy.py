@@ -18,9 +18,8 @@ import asyncio
 import importlib.util
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from monarch.actor import concurrent_endpoint, endpoint
 
 from forge.controller import ForgeActor, replay_on_rebuild
@@ -28,6 +27,9 @@ from forge.engine.config import EngineConfig, SamplingParams
 from forge.engine.interface import GenerationEngine, build_engine
 from forge.observability.metrics import record_metric
 from forge.util.failpoints import failpoint
+
+if TYPE_CHECKING:  # torch is imported where it is used: a service controller loads this
+    import torch   # module to spawn replicas and need not pay for torch (seconds of CPU)
 
 
 @dataclass
@@ -58,6 +60,8 @@ def _pack(tensor: torch.Tensor) -> tuple[str, bytes]:
 
 
 def _unpack(packed: tuple[str, bytes]) -> torch.Tensor:
+    import torch
+
     dtype, data = packed
     if not data:
         return torch.empty(0, dtype=getattr(torch, dtype))
@@ -147,6 +151,8 @@ class Policy(ForgeActor):
         return list(await asyncio.gather(*(self._generate(p, q) for p, q in zip(prompts, params))))
 
     async def _generate(self, prompt: Any, params: SamplingParams) -> list[Completion]:
+        import torch
+
         prompt_ids = self._encode(prompt)
         failpoint("Policy.generate")
         started = time.monotonic()

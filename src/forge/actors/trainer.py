@@ -223,9 +223,10 @@ class RLTrainer(ForgeActor):
         build the optimizer. With ``model.dtype`` bfloat16 the forward and backward run in
         bf16 (FSDP2 mixed precision, or autocast on one process) while the weights, their
         gradients' reduction and the optimizer state stay fp32."""
-        from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the baseline below)
-
         from forge.models import load_model, torch_dtype
+        from forge.models.loading import import_transformers
+
+        import_transformers()  # before the baseline below
 
         self.rss_before_model = current_rss()  # for memory/before_model_gb: libraries loaded, no weights yet
         check_choice("RLTrainer model dtype", self.model_spec.dtype, TRAIN_DTYPES)

@@ -63,8 +63,13 @@ class SamplingParams:
             return self
         if isinstance(overrides, SamplingParams):
             return overrides
+        if isinstance(overrides, Mapping) and set(overrides) <= _SAMPLING_FIELDS:
+            return dataclasses.replace(self, **overrides)  # every field is checked in __post_init__
         build(SamplingParams, overrides, "sampling_config")  # names the bad key or value
         return dataclasses.replace(self, **dict(overrides))
+
+
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 @dataclass(frozen=True)

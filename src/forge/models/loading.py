@@ -12,10 +12,16 @@ A reference is one of:
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 from forge.models.presets import PRESETS, materialize
+
+# Actors that share a process (forge.controller.ProcGroup) set up on threads of their own,
+# and transformers' lazy imports are not thread-safe ("cannot import name
+# AutoModelForCausalLM" when two threads import it at once): loads take turns per process.
+_LOAD_LOCK = threading.RLock()
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
@@ -77,13 +83,25 @@ def torch_dtype(name: str) -> Any:
 
 
 def load_tokenizer(reference: str | os.PathLike) -> Any:
-    from transformers import AutoTokenizer
+    with _LOAD_LOCK:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(reference), local_files_only=True)
+        return AutoTokenizer.from_pretrained(resolve_model_path(reference), local_files_only=True)
+
+
+def import_transformers() -> None:
+    """Import transformers' model classes now, safely while other threads of the process load too."""
+    with _LOAD_LOCK:
+        from transformers import AutoModelForCausalLM  # noqa: F401
 
 
 def load_model(reference: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> Any:
     """A causal LM in eval mode on ``device``; weights from local files only."""
+    with _LOAD_LOCK:
+        return _load_model(reference, dtype, device)
+
+
+def _load_model(reference: str | os.PathLike, dtype: str, device: str) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
