@@ -1,10 +1,13 @@
 """The embedded GRPO default: distributed (Forge services) vs the same loop in one process.
 
 Both use the same model preset, task, hyperparameters (apps/grpo/default.yaml) and
-components (native engine, GRPO loss, rewards, group advantages); the distributed run is
-``apps.grpo.main.run`` with every service in its own processes and weight sync through
-shared memory each step. Evaluation is off in both so that episodes/s compare like for
-like. Reports time to a 10-step moving mean reward of 0.9 and training episodes/s.
+components (native engine, GRPO loss, rewards, group advantages, dropping groups whose
+rewards are all equal); the distributed run is ``apps.grpo.main.run`` in its default
+layout (the generator a service, the light parts in one process, the trainer hosting the
+reference model), rollouts and training overlapping, weights synced through shared
+memory each step. The one-process loop is synchronous and on-policy. Evaluation and
+checkpoints are off in both so that episodes/s compare like for like. Reports steps and
+time to a 10-step moving mean reward of 0.9, startup, and training episodes/s.
 
     .venv/bin/python bench/grpo_overhead.py
 """
@@ -30,8 +33,8 @@ from forge.losses import grpo_loss, sequence_logprobs
 from forge.models import load_model, load_tokenizer
 from forge.util.config import load_config
 
-# The one-process loop keeps every group, so the app does too here (same algorithm, same work).
-OVERRIDES = ["run.eval_every=0", "run.checkpoint_every=0", "metrics=[jsonl]", "replay_buffer.drop_zero_variance_groups=false"]
+# Both drop groups whose rewards are all equal (the default), so the work per step matches.
+OVERRIDES = ["run.eval_every=0", "run.checkpoint_every=0", "metrics=[jsonl]"]
 
 
 def single_process(cfg: GRPOConfig) -> dict:
@@ -48,25 +51,29 @@ def single_process(cfg: GRPOConfig) -> dict:
     sampling = cfg.sampling_config()
     reward_fn = MathReward()
     groups_per_step = cfg.replay_buffer.batch_size // cfg.group_size
+    drop_uniform = cfg.replay_buffer.drop_zero_variance_groups
     window, started, reached = [], time.monotonic(), None
     for step in range(1, cfg.run.max_steps + 1):
-        requests = []
-        for _ in range(groups_per_step):
-            item = source.sample()
-            ids = tokenizer(item["request"], add_special_tokens=False)["input_ids"]
-            requests.append((ids, item, engine.add_request(ids, sampling)))
-        while engine.has_work:
-            engine.step()
         prompts, responses, behaviour, advantages, rewards = [], [], [], [], []
-        for ids, item, request in requests:
-            scores = [reward_fn(item["question"], tokenizer.decode(s.token_ids, skip_special_tokens=True),
-                                item["target"]) for s in request.sequences]
-            for sequence, advantage in zip(request.sequences, group_advantages(scores)):
-                prompts.append(ids)
-                responses.append(sequence.token_ids)
-                behaviour.append(sequence.logprobs)
-                advantages.append(advantage)
-            rewards += scores
+        while len(prompts) < cfg.replay_buffer.batch_size:  # DAPO's dynamic sampling, as the app
+            requests = []
+            for _ in range(groups_per_step):
+                item = source.sample()
+                ids = tokenizer(item["request"], add_special_tokens=False)["input_ids"]
+                requests.append((ids, item, engine.add_request(ids, sampling)))
+            while engine.has_work:
+                engine.step()
+            for ids, item, request in requests:
+                scores = [reward_fn(item["question"], tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                                    item["target"]) for s in request.sequences]
+                rewards += scores
+                if (drop_uniform and len(set(scores)) == 1) or len(prompts) >= cfg.replay_buffer.batch_size:
+                    continue
+                for sequence, advantage in zip(request.sequences, group_advantages(scores)):
+                    prompts.append(ids)
+                    responses.append(sequence.token_ids)
+                    behaviour.append(sequence.logprobs)
+                    advantages.append(advantage)
         inputs, targets = collate(prompts, responses, behaviour, [[0.0] * len(r) for r in responses], advantages,
                                   tokenizer.pad_token_id)
         with torch.no_grad():

@@ -9,7 +9,7 @@ holds the final evaluation and export, about a second), the whole process's seco
 greedy accuracy; then the medians and the worst. A seed that misses counts with its full
 time.
 
-    .venv/bin/python bench/time_to_target.py [--seeds 10] [key=value ...]
+    .venv/bin/python bench/time_to_target.py [--seeds 10] [--first-seed 0] [key=value ...]
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ def run_seed(seed: int, overrides: list[str], output: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=10, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first of them")
     parser.add_argument("overrides", nargs="*", help="config overrides passed to every run")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="forge-ttt-") as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             result = run_seed(seed, args.overrides, Path(tmp) / f"seed-{seed}")
             results.append(result)
             print(json.dumps(result), flush=True)

@@ -95,8 +95,8 @@ class TrainerConfig:
     procs: int = 1  # data-parallel ranks per host
     hosts: int = 1  # hosts the trainer spans (> 1 needs placement.trainer); ranks = procs * hosts
     with_gpus: bool = False
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-3))
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(local_batch_size=64, seq_len=64))
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=3e-3))
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(local_batch_size=128, seq_len=64))
     loss: LossConfig = field(default_factory=LossConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
 
@@ -111,7 +111,7 @@ class TrainerConfig:
 
 @dataclass
 class BufferConfig:
-    batch_size: int = 64  # episodes per train step
+    batch_size: int = 128  # episodes per train step
     max_policy_age: int = 1
     max_buffer_size: int = 0
     max_resample: int = 1
