@@ -186,7 +186,7 @@ class GRPOConfig:
     # processes, as a large run wants. Unset (auto): the light parts share one process and a
     # one-process trainer hosts the reference model, which is fastest on a small machine
     # (bench/grpo_overhead.py); parts with replicas or on other host groups keep their own.
-    colocate: list[list[str]] | None = None
+    colocate: list[list[str]] | None = None  # resolved (auto worked out) in colocate_groups
 
     def __post_init__(self) -> None:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
@@ -272,12 +272,21 @@ class GRPOConfig:
         return [g for g in groups if len(g) > 1]
 
     def _validate_colocate(self) -> None:
+        """Check ``colocate`` and set ``colocate_groups``: the groups as run. An unset
+        ``colocate`` stays unset (it is saved so in the run's config.yaml), so a resume with
+        other settings works it out again."""
         if self.colocate is None:
-            self.colocate = self._auto_colocate()
+            self.colocate_groups = self._auto_colocate()
+            return
         if not isinstance(self.colocate, list) or not all(isinstance(g, list) for g in self.colocate):
             raise ValueError(f"colocate must be a list of lists of parts, e.g. [{LIGHT_PARTS}], got {self.colocate!r}")
         seen: set[str] = set()
+        groups = []
         for group in self.colocate:
+            if not self.uses_reference:
+                group = [part for part in group if part != "ref_model"]  # beta=0: there is no reference model
+            if len(set(group)) != len(group):
+                raise ValueError(f"colocate: {group} lists a part twice")
             for part in group:
                 if part not in COLOCATABLE:
                     why = ("it is not a part" if part not in PARTS else
@@ -296,13 +305,20 @@ class GRPOConfig:
                     name = "reward.num_replicas" if part == "reward" else "ref_model_replicas"
                     raise ValueError(f"colocate: {part} has {name}={replicas[part]}, but a co-located part is one "
                                      f"actor; set {name}=1 or take {part} out of colocate")
-            if not self.uses_reference and "ref_model" in group:
-                group.remove("ref_model")  # beta=0: there is no reference model to place
             host_groups = {self.placement.get(part) for part in group}
             if len(host_groups) > 1:
                 raise ValueError(f"colocate: {group} share one process, but placement puts them on different host "
                                  f"groups {sorted(map(str, host_groups))}; place them on one group")
-        self.colocate = [g for g in self.colocate if len(g) > 1]  # one part alone shares nothing
+            on_gpus = sorted(part for part in group if self._with_gpus(part))
+            if on_gpus and len(on_gpus) < len(group):
+                raise ValueError(f"colocate: {group} share one process, but only {on_gpus} run with GPUs "
+                                 "(trainer.with_gpus); put GPU and CPU parts in different groups")
+            groups.append(group)
+        self.colocate_groups = [g for g in groups if len(g) > 1]  # one part alone shares nothing
+
+    def _with_gpus(self, part: str) -> bool:
+        """Whether ``part`` runs with GPUs (the reference model follows the trainer)."""
+        return part in ("trainer", "ref_model") and self.trainer.with_gpus
 
     def engine_config(self) -> EngineConfig:
         return self.policy.engine

@@ -1,4 +1,4 @@
-"""GRPO on Forge: every part of the RL loop is a service or an actor in its own processes.
+"""GRPO on Forge: every part of the RL loop is a service or an actor, in processes apart from the loop.
 
     python -m apps.grpo.main                                    # the embedded default (CPU)
     python -m apps.grpo.main --config apps/grpo/default.yaml policy.num_replicas=2
@@ -22,10 +22,11 @@ The loop's concurrent tasks and what each waits on:
     watchdog: every 0.5 s checks that the singleton actors' processes are alive; a dead
     one stops the run with an error naming it (service replicas are rebuilt instead).
 
-Placement: the generator (a service of replicas) and the trainer have their own processes;
-the light parts (dataloader, replay buffer, advantages, reward) share one process by
-default (``colocate:``), which on a small machine saves a process per part and its
-startup; ``colocate=[]`` gives each its own, as a large run wants.
+Placement: the generator (a service of replicas) has its own processes; by default
+(``colocate:``) the light parts (dataloader, replay buffer, advantages, reward) share one
+process and a one-process trainer hosts the reference model, which on a small machine
+saves a process per part and its startup (torch and transformers imported once);
+``colocate=[]`` gives each part its own, as a large run wants.
 
 Staleness is bounded by ``replay_buffer.max_policy_age``: an episode from version p is
 trained on at version v only while v - p <= max_policy_age. Checkpoints are taken at a
@@ -134,8 +135,8 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
     ``colocate:``, whose parts share one process as actors."""
     data = cfg.data
     reward_fns = [REWARD_FUNCTIONS[name]() for name in cfg.reward.functions]
-    groups = [ProcGroup("+".join(names)) for names in cfg.colocate]
-    group_of = {part: group for names, group in zip(cfg.colocate, groups) for part in names}
+    groups = [ProcGroup("+".join(names)) for names in cfg.colocate_groups]
+    group_of = {part: group for names, group in zip(cfg.colocate_groups, groups) for part in names}
 
     def on(part: str) -> dict[str, Any]:  # its host group (placement:) and shared processes (colocate:)
         where = {"host_group": cfg.placement[part]} if part in cfg.placement else {}
@@ -379,14 +380,16 @@ class GRPORun:
                 metrics["reward/mean"] = sum(self.step_rewards) / len(self.step_rewards)
                 self.rewards.append(metrics["reward/mean"])
                 self.step_rewards = []
-            reason = self.stop_reason()
-            if reason is not None or self.step % cfg.run.log_every == 0:
+            reason = self.stop_reason(deadline)
+            checkpoint = cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0
+            if reason is not None or checkpoint or self.step % cfg.run.log_every == 0:
+                # also at a checkpoint: a resume from it must not miss what was recorded before
                 metrics = {**await self.collect_metrics(), **metrics}
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
                 metrics["eval/accuracy"] = await self.evaluate()
             log.log(self.step, metrics)
             self.progress["training loop"] = time.monotonic()
-            if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+            if checkpoint:
                 await self.checkpoint()
         return reason
 
@@ -404,8 +407,8 @@ class GRPORun:
             except asyncio.TimeoutError:
                 pass
 
-    def stop_reason(self) -> str | None:
-        """Why the run stops after this step (the target or max_steps), or None."""
+    def stop_reason(self, deadline: float) -> str | None:
+        """Why the run stops after this step (the target, max_steps or the time limit), or None."""
         cfg = self.cfg
         window = self.rewards[-cfg.run.reward_window:]
         if (cfg.run.target_reward is not None and len(window) == cfg.run.reward_window
@@ -413,6 +416,8 @@ class GRPORun:
             return f"mean reward {sum(window) / len(window):.3f} over the last {len(window)} steps reached the target"
         if self.step >= cfg.run.max_steps:
             return f"max_steps={cfg.run.max_steps} reached"
+        if time.monotonic() > deadline:
+            return f"time limit of {cfg.run.max_time_s:.0f} s reached"
         return None
 
     async def collect_metrics(self) -> dict[str, float]:
@@ -472,8 +477,8 @@ class GRPORun:
         try:
             await asyncio.wait_for(all_landed(), timeout_s)
         except asyncio.TimeoutError:
-            raise RunStalled(f"{self.in_flight} rollout group(s) were still in flight {timeout_s:.0f} s after "
-                             "a checkpoint stopped new ones") from None
+            raise RunStalled(f"{self.in_flight} rollout batch(es) of up to {self.cfg.run.groups_per_rollout} groups were "
+                             f"still in flight {timeout_s:.0f} s after a checkpoint stopped new ones") from None
 
     async def checkpoint(self) -> None:
         await self.quiesce()
@@ -713,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ActorDied, RunStalled, HostRegistryLost) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # bad input found while placing the parts (e.g. GPUs a host does not have)
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
     except Exception as e:
         if not is_infrastructure_error(e):
             raise
@@ -721,9 +729,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {str(e).strip()}\nThe run cannot continue without that process. "
               f"Resume from the last checkpoint with --resume {run_dir}", file=sys.stderr)
         return 1
-    except ValueError as e:  # bad input found while placing the parts (e.g. GPUs a host does not have)
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
     print(f"\ndone: {summary['reason']}")
     print(f"steps {summary['steps']}, {summary['wall_s']:.0f} s (startup {summary['startup_s']:.0f} s); "
           f"mean reward {summary['final_mean_reward']:.3f}; eval accuracy "

@@ -273,9 +273,9 @@ async def test_policy_and_trainer_on_different_hosts_sync_weights_across_hosts(t
 
 @pytest.mark.timeout(400)
 async def test_every_part_apart_a_data_parallel_trainer_replicated_policy_train_and_resume(tmp_path):
-    # The other layout (no part shares a process), with metrics drained every 2 steps.
+    # The other layout (no part shares a process), with metrics drained every 3 steps and at checkpoints.
     args = QUICK + [f"run.output_dir={tmp_path}", "trainer.procs=2", "policy.num_replicas=2", "colocate=[]",
-                    "run.weight_update=rolling", "run.checkpoint_every=2", "run.export=checkpoints", "run.log_every=2"]
+                    "run.weight_update=rolling", "run.checkpoint_every=2", "run.export=checkpoints", "run.log_every=3"]
     summary = await run(load_config(GRPOConfig, DEFAULT_CONFIG, args + ["run.max_steps=3"]), tmp_path)
     assert summary["steps"] == 3
     processes = json.loads((tmp_path / "processes.json").read_text())
@@ -294,7 +294,7 @@ async def test_every_part_apart_a_data_parallel_trainer_replicated_policy_train_
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3, 4, 5]  # step 3 of the first run was cut at the resume
     drained = [l["step"] for l in lines if "trainer/loss" in l]
-    assert drained == [2, 4, 5]  # every log_every steps, and the last
+    assert drained == [2, 3, 4, 5]  # at checkpoints (2, 4), every log_every steps (3), and the last
     # each drain holds everything since the previous one: no episode the trainer got is missing
     assert sum(l.get("buffer/sampled", 0) for l in lines) == resumed["episodes_trained"]
     assert lines[-1]["policy/version"] == 5

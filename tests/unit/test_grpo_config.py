@@ -4,7 +4,7 @@ import pytest
 
 from apps.grpo.config import GRPOConfig
 from apps.grpo.main import DEFAULT_CONFIG, main
-from forge.util.config import load_config
+from forge.util.config import load_config, to_dict
 
 BAD = [
     # one wrong value per kind of field, each named by its dotted path or its field
@@ -75,6 +75,8 @@ BAD = [
     (["colocate=[[reward, dataloader]]", "reward.num_replicas=2"], "set reward.num_replicas=1 or take reward out"),
     (["colocate=[[trainer, ref_model]]", "trainer.procs=2"], "only a one-process trainer shares its process"),
     (["colocate=dataloader"], "config.colocate must be a list"),
+    (["colocate=[[reward, reward]]"], r"\['reward', 'reward'\] lists a part twice"),
+    (["colocate=[[trainer, dataloader]]", "trainer.with_gpus=true"], r"only \['trainer'\] run with GPUs"),
     (["hosts={source: process_job, groups: {a: 1, b: 1}}", "placement={reward: a}", "colocate=[[reward, dataloader]]"],
      "placement puts them on different host groups"),
 ]
@@ -82,7 +84,7 @@ BAD = [
 
 def test_colocation_auto_shares_what_can_share_and_an_empty_list_shares_nothing():
     def colocate(*overrides):
-        return load_config(GRPOConfig, DEFAULT_CONFIG, list(overrides)).colocate
+        return load_config(GRPOConfig, DEFAULT_CONFIG, list(overrides)).colocate_groups
 
     light = ["dataloader", "replay_buffer", "compute_advantages", "reward"]
     assert colocate() == [light, ["trainer", "ref_model"]]
@@ -95,6 +97,9 @@ def test_colocation_auto_shares_what_can_share_and_an_empty_list_shares_nothing(
     hosts = "hosts={source: process_job, groups: {gen: 1, train: 1}}"
     assert colocate(hosts, "placement={policy: gen, trainer: train}") == [light]
     assert colocate(hosts, "placement={trainer: train, ref_model: train}") == [light, ["trainer", "ref_model"]]
+    # auto stays unset in the saved config, so a resume with other settings works it out again
+    assert to_dict(load_config(GRPOConfig, DEFAULT_CONFIG, []))["colocate"] is None
+    assert colocate("colocate=[[trainer, ref_model]]", "trainer.loss.beta=0", "ref_model_replicas=2") == []
 
 
 @pytest.mark.parametrize("overrides, named", BAD)

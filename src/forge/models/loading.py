@@ -58,7 +58,8 @@ def resolve_model_path(reference: str | os.PathLike) -> Path:
     """The local directory that ``reference`` names (see the module docstring)."""
     text = str(reference)
     if text in PRESETS:
-        return materialize(text)
+        with _LOAD_LOCK:  # building a preset imports transformers
+            return materialize(text)
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
