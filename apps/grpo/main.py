@@ -350,7 +350,7 @@ class GRPORun:
         """Train until the target, ``max_steps`` or the time limit; returns why it stopped.
 
         Every step logs what the client knows without a message (its rewards, loss, times);
-        every ``log_every`` steps, and at the last one, the metrics of every part are drained
+        every ``log_every`` steps, at checkpoints and at the last step, the metrics of every part are drained
         and logged with it: each drain holds everything recorded since the previous one.
         """
         s, cfg = self.s, self.cfg
