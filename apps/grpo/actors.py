@@ -11,6 +11,7 @@ from forge.controller import ForgeActor
 from forge.data.datasets import ArithmeticTask, PromptSource, load_rows
 from forge.data.rewards import MathReward, ThinkingReward
 from forge.observability import record_metric
+from forge.util.checks import check_int
 
 REWARD_FUNCTIONS = {"math": MathReward, "thinking": ThinkingReward}
 
@@ -94,8 +95,7 @@ class DatasetActor(ForgeActor):
     @endpoint
     async def sample_batch(self, count: int) -> list[dict[str, Any]]:
         """The next ``count`` prompts in one message: what ``count`` ``sample`` calls return."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"DatasetActor.sample_batch: count must be an int >= 1, got {count!r}")
+        check_int("DatasetActor.sample_batch: count", count, 1)
         items = [self.source.sample() for _ in range(count)]
         record_metric("data/epoch", items[-1]["epoch"], "last")
         return items
@@ -163,12 +163,15 @@ class ComputeAdvantages(ForgeActor):
 
     @endpoint
     async def compute(self, group: Group) -> list[float]:
-        return group_advantages([e.reward for e in group.episodes], self.scale_by_std, self.eps)
+        return self._advantages(group)
 
     @endpoint
     async def compute_batch(self, groups: list[Group]) -> list[list[float]]:
         """``compute`` for several groups in one message."""
-        return [group_advantages([e.reward for e in g.episodes], self.scale_by_std, self.eps) for g in groups]
+        return [self._advantages(g) for g in groups]
+
+    def _advantages(self, group: Group) -> list[float]:
+        return group_advantages([e.reward for e in group.episodes], self.scale_by_std, self.eps)
 
 
 def group_advantages(rewards: list[float], scale_by_std: bool = True, eps: float = 1e-4) -> list[float]:
