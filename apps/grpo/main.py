@@ -228,7 +228,6 @@ class GRPORun:
         self.in_flight = 0  # groups being made now
         self.landed = asyncio.Event()  # set whenever in_flight drops to 0
         self.stopping = False
-        self.groups_made = 0
         self.step_rewards: list[float] = []  # rewards of the groups made since the last step
         self.added = asyncio.Event()  # set when a rollout task added episodes to the buffer
         self.tokens_generated = 0
@@ -253,7 +252,6 @@ class GRPORun:
                 if groups:
                     await s.replay_buffer.add.call_one([e for g in groups for e in g.episodes])
                     self.added.set()
-                self.groups_made += len(groups)
                 self.progress[f"rollout loop {index}"] = time.monotonic()
             finally:
                 self.in_flight -= 1
