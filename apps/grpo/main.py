@@ -72,6 +72,7 @@ from forge.controller import (
     ProcGroup,
     ServiceHandle,
     actor_alive,
+    actor_answers,
     actor_pids,
     current_pool,
     drain_metrics,
@@ -88,6 +89,7 @@ from forge.util.tasks import await_chain
 
 logger = logging.getLogger("forge.grpo")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+PING_TIMEOUT_S = 2.0  # the stall report's probe of each process
 
 
 class ActorDied(RuntimeError):
@@ -120,14 +122,16 @@ class Services:
     def services(self) -> dict[str, Any]:
         return {name: part for name, part in self.parts().items() if isinstance(part, ServiceHandle)}
 
-    def one_actor_per_process(self, exclude: str) -> list[Any]:
-        """One singleton per set of processes (co-located actors share theirs): what a metrics
-        drain needs, since a drain returns everything its process recorded."""
+    def processes(self) -> dict[str, Any]:
+        """One singleton per set of processes, named by the parts that share it (``colocate:``
+        puts several in one): "trainer+ref_model" -> one of its actors."""
+        names: dict[tuple[int, ...], list[str]] = {}
         chosen: dict[tuple[int, ...], Any] = {}
         for name, actor in self.singletons().items():
-            if name != exclude:
-                chosen.setdefault(actor_pids(actor), actor)
-        return list(chosen.values())
+            pids = actor_pids(actor)
+            names.setdefault(pids, []).append(name)
+            chosen.setdefault(pids, actor)
+        return {"+".join(names[pids]): actor for pids, actor in chosen.items()}
 
 
 async def start_services(cfg: GRPOConfig, store: str) -> Services:
@@ -425,9 +429,9 @@ class GRPORun:
         # The trainer on a line of its own, so a stall report names a hung trainer. A service
         # replica lost during the drain only leaves its metrics of this step out.
         trainer_drained = await drain_metrics(s.trainer)
+        others = [actor for names, actor in s.processes().items() if "trainer" not in names.split("+")]
         results = await asyncio.gather(
-            *(drain_metrics(part) for part in [*self.s.one_actor_per_process(exclude="trainer"),
-                                                 *s.services().values()]),
+            *(drain_metrics(part) for part in [*others, *s.services().values()]),
             s.policy.statistics(),
         )
         parts = [drain_local_metrics(), *trainer_drained]
@@ -517,8 +521,8 @@ class GRPORun:
 
     async def watchdog(self) -> None:
         pids: dict[int, str] = {}
-        for name, actor in self.s.singletons().items():  # co-located parts: "dataloader+reward+..."
-            pids.update({pid: f"{pids[pid]}+{name}" if pid in pids else name for pid in actor_pids(actor)})
+        for name, actor in self.s.processes().items():  # co-located parts: "dataloader+reward+..."
+            pids.update({pid: name for pid in actor_pids(actor)})
         for name, service in self.s.services().items():  # as started; rebuilt replicas get new pids
             stats = await service.statistics()
             pids[stats.controller_pid] = f"{name} controller"
@@ -534,7 +538,7 @@ class GRPORun:
         while True:
             await asyncio.sleep(0.5)
             if stall_s is not None and time.monotonic() - self.progress["training loop"] > stall_s:
-                raise RunStalled(self.stall_report())
+                raise RunStalled(await self.stall_report())
             if pool is not None:
                 pool.check()  # raises HostRegistryLost
             for name, actor in self.s.singletons().items():
@@ -543,7 +547,9 @@ class GRPORun:
                                     f"without it. Resume from the last checkpoint with --resume {self.run_dir}")
 
 
-    def stall_report(self) -> str:
+    async def stall_report(self) -> str:
+        """Where each loop waits, and which processes do not answer a ping (the suspects: a
+        loop may wait on a healthy part that itself waits on the hung one)."""
         now = time.monotonic()
         lines = [f"no training step finished in {now - self.progress['training loop']:.0f} s (run.stall_timeout_s); "
                  f"the run looks hung after step {self.step}. Where each loop waits:"]
@@ -552,6 +558,12 @@ class GRPORun:
             done = "step" if name == "training loop" else "group"
             lines.append(f"  {name} (last {done} {now - self.progress[name]:.1f} s ago):"
                          + ("".join(f"\n      {where}" for where in chain) if chain else " finished"))
+        processes = self.s.processes()
+        answers = await asyncio.gather(*(actor_answers(actor, PING_TIMEOUT_S) for actor in processes.values()))
+        silent = [f"{name} (pid {', '.join(map(str, actor_pids(processes[name])))})"
+                  for name, answered in zip(processes, answers) if not answered]
+        lines.append(f"  not answering a ping within {PING_TIMEOUT_S:.0f} s (hung, stopped, or in a long call): "
+                     + (", ".join(silent) if silent else "none"))
         return "\n".join(lines)
 
 

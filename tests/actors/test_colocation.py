@@ -1,6 +1,8 @@
 """Several actors in one ProcGroup: shared processes, reference-counted shutdown, placement checks."""
 
 import asyncio
+import os
+import signal
 
 import pytest
 
@@ -10,6 +12,7 @@ from forge.controller import (
     ProcGroup,
     ReplicaFailed,
     actor_alive,
+    actor_answers,
     actor_pids,
     init_hosts,
 )
@@ -33,6 +36,14 @@ async def test_two_actor_classes_share_one_process_which_stops_with_the_last_of_
         assert (await tally.add.call_one(2)) == (2, pid)
         assert actor_pids(worker) == actor_pids(tally) == (pid,)
         assert set(monarch_descendants()) - before == {pid}
+        # A frozen process is alive but answers no ping, for either of its actors.
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert await actor_alive(worker)
+            assert [await actor_answers(a, timeout_s=1) for a in (worker, tally)] == [False, False]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await actor_answers(worker) and await actor_answers(tally)
 
         await ForgeActor.shutdown(tally)  # its actor stops (and cleans up); the process stays for the worker
         assert marker.read_text() == "2"

@@ -27,7 +27,7 @@ from forge.controller.service.routers import (
 )
 from forge.controller.service.handle import ServiceHandle
 from forge.controller.service.types import ReplicaFailure, ServiceStats
-from forge.controller.spawn import actor_alive, actor_pids
+from forge.controller.spawn import actor_alive, actor_answers, actor_pids
 
 __all__ = [
     "ForgeActor",
@@ -36,6 +36,7 @@ __all__ = [
     "ServiceStats",
     "ReplicaFailure",
     "actor_alive",
+    "actor_answers",
     "actor_pids",
     "is_infrastructure_error",
     "replay_on_rebuild",

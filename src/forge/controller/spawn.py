@@ -28,6 +28,7 @@ from monarch.actor import this_host
 from forge.controller.actor_mesh import ForgeActorMesh
 from forge.controller.colocation import Processes, ProcGroup
 from forge.controller.endpoints import (
+    PING,
     RESERVED_SERVICE_NAMES,
     caller_checks,
     endpoints_of,
@@ -207,6 +208,24 @@ async def actor_alive(actor: Any) -> bool:
             procs.pool.check()
             return False
     return all(pid_alive(p) for p in resources.pids)
+
+
+async def actor_answers(actor: Any, timeout_s: float = 2.0) -> bool:
+    """Whether every rank of an actor from ``as_actor`` answers a ping within ``timeout_s``.
+
+    The ping waits behind the actor's current message, so ``False`` means hung, stopped,
+    dead — or busy with a call longer than ``timeout_s``: a diagnosis for a stalled run,
+    not a health check.
+    """
+    if id(actor) not in _actor_resources:
+        raise ForgeUsageError(f"actor_answers() got {actor!r}, which is not a running actor from as_actor()")
+    try:
+        await asyncio.wait_for(getattr(actor, PING).call(), timeout_s)
+        return True
+    except asyncio.TimeoutError:
+        return False
+    except Exception:  # its process is gone
+        return False
 
 
 def actor_pids(actor: Any) -> tuple[int, ...]:
