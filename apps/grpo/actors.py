@@ -32,6 +32,7 @@ class Episode:
     response_tokens: list[int] = field(default_factory=list)
     response_logprobs: list[float] = field(default_factory=list)  # behaviour logprobs from the generator
     ref_logprobs: Any = None  # [T] tensor or list, reference model logprobs of response_tokens
+    response_mask: list[int] | None = None  # multi-turn: 1 on the policy's tokens, 0 on the environment's
     reward: float | None = None
     advantage: float | None = None
 
@@ -65,10 +66,13 @@ class DatasetActor(ForgeActor):
                  question_field: str = "question", answer_field: str = "answer", seed: int = 0,
                  use_chat_template: bool = False, system_prompt: str | None = None, max_operand: int = 9,
                  max_sum: int = 9, revision: str | None = None, streaming: bool = False,
-                 eval_split: str | None = None) -> None:
+                 eval_split: str | None = None, min_operand: int = 0) -> None:
         eval_rows = None
         if path == "arithmetic":
-            rows = ArithmeticTask(max_operand, max_sum).rows()
+            rows = ArithmeticTask(max_operand, max_sum, min_operand).rows()
+            if not rows:
+                raise ValueError(f"the arithmetic task has no prompts for operands {min_operand}..{max_operand} "
+                                 f"with sums <= {max_sum}; raise max_sum or lower min_operand")
             question_field, answer_field = "question", "answer"
         else:
             rows = load_rows(path, data_split)

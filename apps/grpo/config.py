@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from forge.actors.trainer import LRSchedulerConfig, OptimizerConfig, TrainingConfig
 from forge.controller import HostsConfig
@@ -66,13 +67,18 @@ class DataConfig:
     system_prompt: str | None = None
     eval_split: str | None = None  # held-out split of a local data set; None: sample of the train rows
     eval_size: int = 55
-    max_operand: int = 9  # arithmetic task
+    max_operand: int = 9  # arithmetic task: a+b= with operands in [min_operand, max_operand], sums <= max_sum
     max_sum: int = 9
+    min_operand: int = 0
 
     def __post_init__(self) -> None:
         check_int("data.eval_size", self.eval_size, 1)
         check_int("data.max_operand", self.max_operand, 1)
         check_int("data.max_sum", self.max_sum, 1)
+        check_int("data.min_operand", self.min_operand, 0)
+        if self.min_operand > self.max_operand or 2 * self.min_operand > self.max_sum:
+            raise ValueError(f"data: no a+b= prompt has operands in [{self.min_operand}, {self.max_operand}] and a "
+                             f"sum <= {self.max_sum}; lower data.min_operand or raise data.max_operand/max_sum")
 
 
 @dataclass
@@ -145,6 +151,47 @@ class RewardConfig:
 
 
 @dataclass
+class EnvConfig:
+    """A multi-turn environment (``forge.envs``) instead of one response per prompt scored by
+    ``reward:``: each episode is a conversation of model turns and environment observations
+    (tool results), rewarded by the environment; its observations carry no gradient."""
+
+    factory: str | None = None  # "module:function" returning a new Environment per episode; None: one turn
+    args: dict = field(default_factory=dict)  # keyword arguments of the factory
+    max_turns: int = 4  # model turns per episode
+    max_tokens: int = 64  # response tokens per episode, the model's and the environment's together
+
+    def __post_init__(self) -> None:
+        check_int("env.max_turns", self.max_turns, 1)
+        check_int("env.max_tokens", self.max_tokens, 1)
+        if self.factory is not None:
+            self.make()  # imports the factory and builds one environment: a bad name or args fail at load
+
+    def make(self) -> Any:
+        """A new environment."""
+        import importlib
+
+        from forge.envs import Environment
+
+        module_name, _, attribute = str(self.factory).partition(":")
+        if not module_name or not attribute:
+            raise ValueError(f"env.factory must be 'module:function', e.g. 'apps.tool_use.env:make_env', "
+                             f"got {self.factory!r}")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"env.factory {self.factory!r} cannot be imported: {e}") from None
+        try:
+            env = factory(**self.args)
+        except TypeError as e:
+            raise ValueError(f"env.args {self.args} do not fit env.factory {self.factory!r}: {e}") from None
+        if not isinstance(env, Environment):
+            raise ValueError(f"env.factory {self.factory!r} returned {type(env).__name__}, not a "
+                             "forge.envs.Environment")
+        return env
+
+
+@dataclass
 class ModelConfig:
     path: str = "tiny"  # preset, local HF directory, or hf://org/name in the local cache
     # float32 or bfloat16, for every part: the generator's weights, the reference model's, and
@@ -175,7 +222,8 @@ class GRPOConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     replay_buffer: BufferConfig = field(default_factory=BufferConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)  # unused with env.factory (the environment rewards)
+    env: EnvConfig = field(default_factory=EnvConfig)
     ref_model_replicas: int = 1
     # Several hosts (README "Several hosts"): a host pool, and which group each part runs on.
     hosts: HostsConfig | None = None  # e.g. {source: process_job, groups: {gen: 1}}
@@ -262,8 +310,13 @@ class GRPOConfig:
             raise ValueError(f"trainer.hosts={self.trainer.hosts} but group {trainer_group!r} has "
                              f"{sizes[trainer_group]} host(s)")
 
+    @property
+    def uses_reward_actor(self) -> bool:
+        """Whether the run scores responses with ``reward:`` (not with an environment's reward)."""
+        return self.env.factory is None
+
     def _auto_colocate(self) -> list[list[str]]:
-        light = [p for p in LIGHT_PARTS if p != "reward" or self.reward.num_replicas == 1]
+        light = [p for p in LIGHT_PARTS if p != "reward" or (self.reward.num_replicas == 1 and self.uses_reward_actor)]
         light = [p for p in light if self.placement.get(p) == self.placement.get(light[0])]
         groups = [light]
         if (self.uses_reference and self.trainer.num_ranks == 1 and self.ref_model_replicas == 1
@@ -285,6 +338,8 @@ class GRPOConfig:
         for group in self.colocate:
             if not self.uses_reference:
                 group = [part for part in group if part != "ref_model"]  # beta=0: there is no reference model
+            if not self.uses_reward_actor:
+                group = [part for part in group if part != "reward"]  # the environment rewards
             if len(set(group)) != len(group):
                 raise ValueError(f"colocate: {group} lists a part twice")
             for part in group:

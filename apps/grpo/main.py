@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
@@ -80,6 +81,7 @@ from forge.controller import (
     is_infrastructure_error,
 )
 from forge.data.rewards import MathReward
+from forge.envs import run_group
 from forge.observability import drain_local_metrics, merge_metrics, record_metric
 from forge.observability.logger import RunLogger, plot_curves
 from forge.observability.reward_window import RewardWindow
@@ -89,6 +91,7 @@ from forge.util.tasks import await_chain
 
 logger = logging.getLogger("forge.grpo")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+SAMPLES_LOGGED = 3  # recent conversations written to the logs every log_every steps
 PING_TIMEOUT_S = 2.0  # the stall report's probe of each process
 
 
@@ -108,7 +111,7 @@ class Services:
     replay_buffer: Any
     compute_advantages: Any
     ref_model: Any  # None without a KL term (beta=0)
-    reward: Any
+    reward: Any  # None with an environment (env.factory), which gives the rewards
     groups: list[Any] = dataclasses.field(default_factory=list)  # the ProcGroups of colocate:
 
     def parts(self) -> dict[str, Any]:
@@ -157,7 +160,7 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
             path=data.source, data_split=data.split, model=cfg.model.path, question_field=data.question_field,
             answer_field=data.answer_field, seed=cfg.run.seed, use_chat_template=data.use_chat_template,
             system_prompt=data.system_prompt, max_operand=data.max_operand, max_sum=data.max_sum,
-            eval_split=data.eval_split),
+            eval_split=data.eval_split, min_operand=data.min_operand),
         Policy.options(procs=cfg.policy.procs, with_gpus=cfg.policy.with_gpus,
                        num_replicas=cfg.policy.num_replicas, **on("policy")).as_service(
             engine_config=cfg.engine_config(), sampling_config=cfg.sampling_config(), weight_store=store),
@@ -173,7 +176,8 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
         ComputeAdvantages.options(procs=1, **on("compute_advantages")).as_actor(scale_by_std=cfg.scale_advantages_by_std),
         (ref.as_actor(**ref_args) if "ref_model" in group_of else ref.as_service(**ref_args))
         if cfg.uses_reference else _nothing(),
-        reward.as_actor(**reward_args) if "reward" in group_of else reward.as_service(**reward_args),
+        (reward.as_actor(**reward_args) if "reward" in group_of else reward.as_service(**reward_args))
+        if cfg.uses_reward_actor else _nothing(),
         return_exceptions=True,
     )
     failed = [r for r in started if isinstance(r, BaseException)]
@@ -220,9 +224,10 @@ class GRPORun:
     """State and tasks of one run (see the module docstring)."""
 
     def __init__(self, cfg: GRPOConfig, run_dir: Path, services: Services, pad_id: int,
-                 eval_rows: list[dict[str, Any]]) -> None:
+                 eval_rows: list[dict[str, Any]], tokenizer: Any = None) -> None:
         self.cfg, self.run_dir, self.s = cfg, run_dir, services
         self.pad_id = pad_id  # the tokenizer's, for padding a group's responses
+        self.tokenizer = tokenizer  # for an environment's conversations (env.factory)
         self.eval_rows = eval_rows  # held-out prompts for evaluation (empty: no evaluation)
         self.version = 0
         self.step = 0
@@ -237,6 +242,7 @@ class GRPORun:
         self.tokens_generated = 0
         self.generate_seconds = 0.0
         self.math = MathReward()
+        self.samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=SAMPLES_LOGGED)  # for the logs
         self.loops: dict[str, asyncio.Task] = {}  # name -> task, for the stall report
         self.progress: dict[str, float] = {}  # loop name -> when it last finished a step or a group
 
@@ -275,13 +281,20 @@ class GRPORun:
         out (its rewards still count for the reward metrics and the stop criterion)."""
         s = self.s
         started = time.monotonic()
-        completions = await s.policy.generate_batch.route(
-            [x["request"] for x in samples], sampling_config=[{"seed": self.sampling_seed(x)} for x in samples])
-        self.generate_seconds += time.monotonic() - started
-        self.tokens_generated += sum(len(c.token_ids) for group in completions for c in group)
-        rewards = await s.reward.evaluate_groups.route(
-            prompts=[x["question"] for x in samples], responses=[[c.text for c in group] for group in completions],
-            targets=[x["target"] for x in samples])
+        if self.cfg.env.factory is None:
+            completions = await s.policy.generate_batch.route(
+                [x["request"] for x in samples], sampling_config=[{"seed": self.sampling_seed(x)} for x in samples])
+            self.generate_seconds += time.monotonic() - started
+            rewards = await s.reward.evaluate_groups.route(
+                prompts=[x["question"] for x in samples], responses=[[c.text for c in group] for group in completions],
+                targets=[x["target"] for x in samples])
+        else:
+            completions = await asyncio.gather(*(self.episodes(x) for x in samples))
+            self.generate_seconds += time.monotonic() - started
+            rewards = [[r.reward for r in group] for group in completions]
+        self.tokens_generated += sum(policy_tokens(c) for group in completions for c in group)
+        for sample, group, scores in zip(samples[:1], completions, rewards):  # one conversation per batch
+            self.samples.append(conversation_sample(sample, group[0], scores[0]))
         kept = []
         for sample, group, scores in zip(samples, completions, rewards):
             self.step_rewards += scores  # every group's, a dropped one's too: the stop criterion reads them
@@ -301,6 +314,25 @@ class GRPORun:
                 episode.advantage = float(advantage)
         record_metric("rollout/groups_kept", len(groups), "sum")
         return groups
+
+    async def episodes(self, sample: dict[str, Any], greedy: bool = False) -> list[Any]:
+        """``group_size`` episodes of the environment on one prompt (one, greedy, to evaluate),
+        each its own conversation in a session of the policy; their rollout metrics recorded."""
+        env = self.cfg.env
+        sampling = {"max_tokens": self.cfg.policy.sampling.max_tokens, **({"temperature": 0} if greedy else {})}
+        rollouts = await run_group(self.s.policy, env.make, sample, self.tokenizer, 1 if greedy else self.cfg.group_size,
+                                   seed=None if greedy else self.sampling_seed(sample), max_turns=env.max_turns,
+                                   max_tokens=env.max_tokens, sampling_config=sampling)
+        if not greedy:
+            for rollout in rollouts:
+                mask = rollout.loss_mask
+                record_metric("rollout/turns", float(rollout.num_turns), "mean")
+                record_metric("rollout/policy_tokens", float(mask.sum()), "mean")
+                record_metric("rollout/env_tokens", float(len(mask) - mask.sum()), "mean")
+                record_metric("rollout/finished", float(rollout.finish_reason == "done"), "mean")
+                for name, value in rollout.info.items():
+                    record_metric(f"env/{name}", value, "mean")
+        return rollouts
 
     async def reference_logprobs(self, groups: list[list[Any]]) -> list[torch.Tensor | None]:
         """The reference model's logprobs of each group's responses (``[G, T]`` per group), one
@@ -343,6 +375,8 @@ class GRPORun:
             episode.response_tokens = completion.token_ids.tolist()
             episode.response_logprobs = completion.logprobs.tolist()
             episode.ref_logprobs = None if ref_logprobs is None else ref_logprobs[i, : len(completion.token_ids)].tolist()
+            mask = getattr(completion, "loss_mask", None)  # a multi-turn rollout: its environment tokens are 0
+            episode.response_mask = None if mask is None else mask.tolist()
             episode.reward = float(reward)
         return group
 
@@ -390,6 +424,8 @@ class GRPORun:
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
                 metrics["eval/accuracy"] = await self.evaluate()
             log.log(self.step, metrics)
+            if self.step % cfg.run.log_every == 0 and self.samples:
+                log.log_samples(self.step, list(self.samples))
             self.progress["training loop"] = time.monotonic()
             if checkpoint:
                 await self.checkpoint()
@@ -449,6 +485,9 @@ class GRPORun:
     async def evaluate(self) -> float:
         """Greedy accuracy on the evaluation prompts."""
         rows = self.eval_rows
+        if self.cfg.env.factory is not None:  # solved: a greedy episode with full reward
+            episodes = await asyncio.gather(*(self.episodes(row, greedy=True) for row in rows))
+            return sum(group[0].reward >= 1.0 for group in episodes) / len(episodes)
         answers = await asyncio.gather(*(
             self.s.policy.generate.route(row["request"], sampling_config={"n": 1, "temperature": 0})
             for row in rows))
@@ -567,6 +606,20 @@ class GRPORun:
         return "\n".join(lines)
 
 
+def policy_tokens(completion: Any) -> int:
+    """Tokens the policy generated: all of a completion's, a rollout's policy segments'."""
+    mask = getattr(completion, "loss_mask", None)
+    return len(completion.token_ids) if mask is None else int(mask.sum())
+
+
+def conversation_sample(sample: dict[str, Any], completion: Any, reward: float) -> dict[str, Any]:
+    """One episode for the logs: the prompt, the turns (policy and environment) and the reward."""
+    conversation = getattr(completion, "conversation", None)
+    turns = conversation()[1:] if conversation else [{"role": "policy", "text": completion.text}]
+    return {"prompt": sample["question"] if "question" in sample else str(sample["request"]), "turns": turns,
+            "reward": float(reward), "target": str(sample.get("target"))}
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metric lines logged after the checkpoint we resume from."""
     if not path.exists():
@@ -626,7 +679,7 @@ async def _prepare_run(cfg: GRPOConfig, run_dir: Path, services: Services, resum
         asyncio.to_thread(load_tokenizer, cfg.model.path),
         services.dataloader.eval_rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else _nothing(),
         _nothing() if resume else first_version())
-    grpo = GRPORun(cfg, run_dir, services, tokenizer.pad_token_id or 0, eval_rows or [])
+    grpo = GRPORun(cfg, run_dir, services, tokenizer.pad_token_id or 0, eval_rows or [], tokenizer)
     if resume:
         await grpo.restore(run_dir)
     # every sampled id; cut back to the checkpoint on a resume
@@ -696,9 +749,12 @@ async def _cancel(tasks: list[asyncio.Task]) -> None:
         logger.warning("a task of the run ignored cancellation for 30 s; it waits at %s", await_chain(task))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="GRPO on Forge", epilog="Overrides: key=value, e.g. run.max_steps=50")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the embedded CPU demo)")
+def main(argv: list[str] | None = None, default_config: Path = DEFAULT_CONFIG, app: str = "apps.grpo.main") -> int:
+    """The command line of ``app`` (this GRPO app, or one that runs it with its own default
+    config, such as apps.tool_use.main)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {app}", description="GRPO on Forge",
+                                     epilog="Overrides: key=value, e.g. run.max_steps=50")
+    parser.add_argument("--config", default=str(default_config), help="YAML config (default: the embedded CPU demo)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
@@ -722,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = asyncio.run(run(cfg, run_dir, resume=bool(args.resume)))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; processes stopped. Resume with: python -m apps.grpo.main --resume {run_dir}",
+        print(f"\ninterrupted; processes stopped. Resume with: python -m {app} --resume {run_dir}",
               file=sys.stderr)
         return 130
     except (ActorDied, RunStalled, HostRegistryLost) as e:

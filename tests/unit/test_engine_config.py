@@ -16,6 +16,10 @@ from forge.engine.config import EngineConfig, SamplingParams
         ({"max_model_len": 1}, "max_model_len"),
         ({"device": "tpu"}, "device"),
         ({"enforce_eager": "no"}, "enforce_eager"),
+        ({"enable_prefix_caching": "yes"}, "enable_prefix_caching"),
+        ({"prefix_cache_tokens": -1}, "prefix_cache_tokens"),
+        ({"prefix_cache_tokens": 8}, "prefix_cache_tokens must be 0 \\(auto\\) or at least one block of 16"),
+        ({"prefix_cache_tokens": True}, "prefix_cache_tokens"),
     ],
 )
 def test_bad_engine_config_names_the_key(values, named):
@@ -50,3 +54,9 @@ def test_the_seeds_configs_parse():
     assert sampling.merged({"n": 4}).n == 4 and sampling.n == 1
     with pytest.raises(ValueError, match="nn"):
         sampling.merged({"nn": 4})
+
+
+def test_the_prefix_cache_budget_is_the_slot_cache_capacity_unless_set():
+    assert EngineConfig(max_num_seqs=4, max_model_len=64).prefix_cache_blocks == 16
+    assert EngineConfig(max_num_seqs=4, max_model_len=64, prefix_cache_tokens=40).prefix_cache_blocks == 2
+    assert EngineConfig(enable_prefix_caching=False).prefix_cache_blocks == 0

@@ -79,6 +79,12 @@ BAD = [
     (["colocate=[[trainer, dataloader]]", "trainer.with_gpus=true"], r"only \['trainer'\] run with GPUs"),
     (["hosts={source: process_job, groups: {a: 1, b: 1}}", "placement={reward: a}", "colocate=[[reward, dataloader]]"],
      "placement puts them on different host groups"),
+    (["data.min_operand=10"], r"no a\+b= prompt has operands in \[10, 9\]"),
+    (["env.factory=apps.tool_use.env"], "env.factory must be 'module:function'"),
+    (["env.factory=apps.tool_use.nowhere:make_env"], "cannot be imported: No module named 'apps.tool_use.nowhere'"),
+    (["env.factory=apps.tool_use.env:make_env", "env.args={timeout: 1}"], "env.args .* do not fit"),
+    (["env.factory=apps.tool_use.env:calculator"], "returned str, not a forge.envs.Environment|do not fit"),
+    (["env.max_turns=0"], "env.max_turns"),
 ]
 
 
@@ -111,6 +117,9 @@ def test_bad_configs_are_rejected_with_the_field_named(overrides, named):
 def test_the_shipped_configs_parse():
     default = load_config(GRPOConfig, DEFAULT_CONFIG, [])
     assert default.model.path == "tiny" and default.sampling_config().n == default.group_size
+    tool_use = load_config(GRPOConfig, DEFAULT_CONFIG.parents[1] / "tool_use" / "default.yaml", [])
+    assert tool_use.env.factory and not tool_use.uses_reward_actor
+    assert ["reward"] not in tool_use.colocate_groups and "reward" not in tool_use.colocate_groups[0]
     gpu = load_config(GRPOConfig, DEFAULT_CONFIG.with_name("qwen3_1_7b_gsm8k.yaml"), [])
     assert gpu.policy.with_gpus and gpu.model_spec()["hf_assets_path"] == "hf://Qwen/Qwen3-1.7B"
     assert gpu.engine_config().dtype == gpu.model_spec()["dtype"] == "bfloat16"

@@ -104,6 +104,8 @@ def test_the_llm_reports_processed_logprobs_unless_extra_names_a_mode():
     args = engine_arguments(EngineConfig(backend="vllm", dtype="bfloat16", max_model_len=256))
     assert args["logprobs_mode"] == "processed_logprobs"
     assert args["dtype"] == "bfloat16" and args["max_model_len"] == 256
+    assert args["enable_prefix_caching"] is True
+    assert engine_arguments(EngineConfig(backend="vllm", enable_prefix_caching=False))["enable_prefix_caching"] is False
     chosen = engine_arguments(EngineConfig(backend="vllm", extra={"logprobs_mode": "raw_logprobs", "x": 1}))
     assert chosen["logprobs_mode"] == "raw_logprobs" and chosen["x"] == 1
 

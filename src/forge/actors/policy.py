@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: a service controller lo
 class Completion:
     """One sampled continuation of a prompt."""
 
-    prompt: Any  # the prompt as given: a string or chat messages
+    prompt: Any  # the prompt as given: a string, chat messages or token ids
     text: str  # decoded completion, special tokens removed
     prompt_ids: torch.Tensor  # [P] long
     token_ids: torch.Tensor  # [T] long
@@ -122,16 +122,25 @@ class Policy(ForgeActor):
         self._engine = build_engine(self.engine_config, path, self._tokenizer)
 
     def _encode(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self._engine.vocab_size
+            if min(prompt) < 0 or max(prompt) >= vocab:  # the engine would fail its whole batch on it
+                raise ValueError(f"a prompt of token ids has ids outside the model's vocabulary [0, {vocab}): "
+                                 f"{[t for t in prompt if not 0 <= t < vocab][:5]}")
+            return prompt  # a conversation so far, sent as the tokens it was sampled as
         if isinstance(prompt, str):
             return self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
             return list(self._tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
                                                             return_dict=False))
-        raise ValueError(f"a prompt is a string or a list of chat messages (dicts), got {type(prompt).__name__}")
+        raise ValueError(f"a prompt is a string, a list of chat messages (dicts) or a list of token ids (ints), "
+                         f"got {type(prompt).__name__}")
 
     @concurrent_endpoint
     async def generate(self, prompt: Any, *, sampling_config: dict | None = None) -> list[Completion]:
-        """``n`` completions of ``prompt`` (a string or chat messages)."""
+        """``n`` completions of ``prompt``: a string, chat messages, or token ids (a conversation
+        so far, e.g. from ``forge.envs``; with the native engine's prefix cache a session's
+        next turn prefills only its new tokens)."""
         return await self._generate(prompt, self.sampling.merged(sampling_config))
 
     @concurrent_endpoint

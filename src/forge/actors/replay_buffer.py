@@ -10,6 +10,10 @@ is used at most ``max_resample`` times (1: once). ``sample`` returns ``(inputs, 
 collated for the trainer; with ``dp_size > 1`` two lists, one share per data-parallel
 rank. The logic lives in ``EpisodeBuffer`` (no Monarch), the actor is a thin shell.
 
+An episode of a multi-turn environment (``forge.envs``) also has ``response_mask``: one
+0/1 per response token, 0 on the tokens the environment inserted (tool results), which
+then carry no gradient. Without it every response token is the policy's.
+
 ``add`` refuses an episode that cannot be trained on — a missing (None) field, an empty
 prompt or response, logprob lists whose length is not the response's, a non-finite
 reward or advantage — with a ``ValueError`` naming the episode and the field, raised in
@@ -96,6 +100,12 @@ def check_episode(episode: Any) -> None:
         if length != response and not (attribute == "response_logprobs" and length == 0):
             raise ValueError(f"{name}: {attribute} has {length} entries but response_tokens has {response}; "
                              f"give one logprob per response token{when_none}")
+    mask = getattr(episode, "response_mask", None)
+    if mask is not None:
+        values = [int(v) for v in mask]
+        if len(values) != response or set(values) - {0, 1} or 1 not in values:
+            raise ValueError(f"{name}: response_mask must have one 0/1 per response token ({response}; 1 where the "
+                             f"policy generated it) with at least one 1, got {len(values)} values {sorted(set(values))}")
 
 
 def _behaviour(episode: Any) -> Any:
@@ -246,7 +256,8 @@ class EpisodeBuffer:
     def _collate(episodes: list[Any]) -> Any:
         return collate([e.request_tokens for e in episodes], [e.response_tokens for e in episodes],
                        [_behaviour(e) for e in episodes], [getattr(e, "ref_logprobs", None) for e in episodes],
-                       [float(e.advantage) for e in episodes], episodes[0].pad_id)
+                       [float(e.advantage) for e in episodes], episodes[0].pad_id,
+                       [getattr(e, "response_mask", None) for e in episodes])
 
     def clear(self) -> None:
         self.episodes.clear()

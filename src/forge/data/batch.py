@@ -3,7 +3,9 @@
 Layout: each row is one episode, ``tokens = prompt + response`` right-padded to the
 batch's longest row. Per-token arrays are aligned with ``tokens``: position ``t`` holds
 the value for ``tokens[t]`` (its logprob given ``tokens[<t]``). ``response_mask`` is 1
-exactly on response tokens, so prompt and padding never contribute to the loss.
+exactly on the response tokens the policy generated, so prompt, padding and the tokens
+an environment inserted into a multi-turn response (``loss_masks``) never contribute to
+the loss.
 
 An episode given without behaviour logprobs (an empty list) has
 ``has_behaviour[i] = False`` and zeros in its row: the trainer treats it as on-policy,
@@ -30,7 +32,7 @@ class TrainInputs:
 
 @dataclass
 class TrainTargets:
-    response_mask: torch.Tensor  # [B, L] float, 1 on response tokens
+    response_mask: torch.Tensor  # [B, L] float, 1 on the policy's response tokens
     advantages: torch.Tensor  # [B] float
     behaviour_logprobs: torch.Tensor  # [B, L] float, generator's logprobs (0 off the response)
     ref_logprobs: torch.Tensor  # [B, L] float, reference model's logprobs (0 off the response)
@@ -65,6 +67,7 @@ def collate(
     ref_logprobs: list[list[float] | None],  # None: no reference (a loss without KL term)
     advantages: list[float],
     pad_id: int,
+    loss_masks: list[list[int] | None] | None = None,  # per response token: 1 policy, 0 environment; None: all 1
 ) -> tuple[TrainInputs, TrainTargets]:
     """Pad episodes into one batch (see the module docstring for the layout)."""
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -80,7 +83,8 @@ def collate(
         start, end = len(prompt), len(prompt) + len(response)
         tokens[i, :end] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
         attention[i, :end] = 1
-        mask[i, start:end] = 1
+        given = loss_masks[i] if loss_masks is not None else None
+        mask[i, start:end] = 1 if given is None else torch.as_tensor(given, dtype=torch.float32)
         if has_behaviour[i]:
             behaviour[i, start:end] = torch.as_tensor(behaviour_logprobs[i], dtype=torch.float32)
         if has_reference[i]:

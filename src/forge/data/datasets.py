@@ -31,12 +31,13 @@ class ArithmeticTask:
 
     max_operand: int = 9
     max_sum: int = 9
+    min_operand: int = 0  # e.g. 10: two-digit operands only (the tool-use demo's task)
 
     def rows(self) -> list[dict[str, str]]:
         return [
             {"question": f"{a}+{b}=", "answer": str(a + b)}
-            for a in range(self.max_operand + 1)
-            for b in range(self.max_operand + 1)
+            for a in range(self.min_operand, self.max_operand + 1)
+            for b in range(self.min_operand, self.max_operand + 1)
             if a + b <= self.max_sum
         ]
 

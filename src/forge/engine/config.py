@@ -1,8 +1,9 @@
 """Typed engine and sampling configuration, validated at the edge (no torch here).
 
 ``EngineConfig`` takes the seeds' keys (``model``, ``tensor_parallel_size``,
-``pipeline_parallel_size``, ``enforce_eager``) plus Forge's own (``backend``, ``dtype``,
-``max_num_seqs``, ``max_model_len``, ``device``, ``seed``). ``SamplingParams`` takes the
+``pipeline_parallel_size``, ``enforce_eager``), vLLM's ``enable_prefix_caching``, plus
+Forge's own (``backend``, ``dtype``, ``max_num_seqs``, ``max_model_len``, ``device``,
+``seed``, ``prefix_cache_tokens``). ``SamplingParams`` takes the
 seeds' ``n``, ``max_tokens``, ``temperature``, ``top_p`` plus ``top_k``, stop tokens,
 ``ignore_eos`` and ``seed``. Unknown keys and bad values raise ``ValueError`` naming them.
 """
@@ -13,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from forge.engine.prefix_cache import BLOCK_SIZE
 from forge.util.checks import check_bool, check_choice, check_int, check_number
 from forge.util.config import build
 
@@ -86,6 +88,8 @@ class EngineConfig:
     max_model_len: int = 512  # prompt + completion tokens per sequence; sizes the KV cache
     device: str = "auto"  # "auto": cuda when available, else cpu
     seed: int = 0
+    enable_prefix_caching: bool = True  # reuse the K/V of prompt prefixes computed before (vLLM's name)
+    prefix_cache_tokens: int = 0  # native engine: tokens of cached K/V kept; 0: auto (prefix_cache_blocks)
     extra: dict = field(default_factory=dict)  # passed to vLLM's engine arguments as is
 
     def __post_init__(self) -> None:
@@ -99,6 +103,12 @@ class EngineConfig:
         check_choice("engine_config backend", self.backend, BACKENDS)
         check_choice("engine_config dtype", self.dtype, DTYPES)
         check_bool("engine_config enforce_eager", self.enforce_eager)
+        check_bool("engine_config enable_prefix_caching", self.enable_prefix_caching)
+        check_int("engine_config prefix_cache_tokens", self.prefix_cache_tokens, 0)
+        if 0 < self.prefix_cache_tokens < BLOCK_SIZE:
+            raise ValueError(
+                f"engine_config prefix_cache_tokens must be 0 (auto) or at least one block of {BLOCK_SIZE} "
+                f"tokens, got {self.prefix_cache_tokens!r}; set enable_prefix_caching=False to turn the cache off")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"engine_config device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
         if self.backend == "native" and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
@@ -106,6 +116,20 @@ class EngineConfig:
                 "the native engine runs one process per replica: tensor_parallel_size and "
                 "pipeline_parallel_size must be 1 (use backend='vllm' on GPUs for model parallelism)"
             )
+
+    @property
+    def prefix_cache_blocks(self) -> int:
+        """The native engine's prefix-cache budget in blocks of ``BLOCK_SIZE`` tokens.
+
+        Auto (``prefix_cache_tokens=0``) is the slot cache's own capacity, ``max_num_seqs *
+        max_model_len`` tokens: like vLLM, whose cache is its whole KV pool, it can hold a
+        full batch of conversations, and at worst it doubles the KV memory. The pool is grown
+        as blocks are first cached, so a budget never reached costs nothing; where it cannot
+        grow (out of GPU memory), the engine keeps the pool it has as the budget.
+        """
+        if not self.enable_prefix_caching:
+            return 0
+        return (self.prefix_cache_tokens or self.max_num_seqs * self.max_model_len) // BLOCK_SIZE
 
     @classmethod
     def parse(cls, values: Mapping[str, Any] | "EngineConfig" | None) -> "EngineConfig":

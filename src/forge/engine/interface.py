@@ -40,6 +40,10 @@ class GenerationEngine(Protocol):
     def version(self) -> int:
         """The weight version in effect (0 until the first ``update_weights``)."""
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds: a prompt of ids must stay below it."""
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> GeneratedRequest:
         """``params.n`` samples of one prompt; concurrent calls share the engine's batch."""
 

@@ -27,6 +27,9 @@ callable), then resets vLLM's prefix cache, so no prompt reuses KV blocks comput
 the old weights; a reset vLLM refuses is an error, since serving on from a stale cache
 would silently mix versions. The version changes only after both steps.
 
+Prefix caching: ``enable_prefix_caching`` is passed to vLLM as is; vLLM's cache lives in
+its own paged KV pool, so the native engine's ``prefix_cache_tokens`` budget does not apply.
+
 ``create`` runs vLLM's engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
 unless the environment sets it): with the default separate engine-core process, a
 callable cannot cross vLLM's msgpack channel unless ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``,
@@ -50,6 +53,7 @@ the tested default.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +65,7 @@ from forge.engine.scheduler import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
 LOGPROBS_MODE = "processed_logprobs"
 # EngineConfig fields that are vLLM engine arguments of the same name.
 ENGINE_ARGUMENTS = ("tensor_parallel_size", "pipeline_parallel_size", "enforce_eager", "dtype", "max_model_len",
-                    "max_num_seqs", "seed")
+                    "max_num_seqs", "seed", "enable_prefix_caching")
 FINISH_REASONS = {"length": FINISH_LENGTH, "stop": FINISH_STOP}
 IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 PICKLE_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"
@@ -120,6 +124,7 @@ class VllmEngine:
         self.config = config
         self._sampling_params_cls = sampling_params_cls
         self.version = 0
+        self.vocab_size = NO_LIMIT  # set by create() from the model's config.json
         self._lock = asyncio.Lock()
         self._pending: list[tuple[list[int], SamplingParams, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
@@ -140,7 +145,9 @@ class VllmEngine:
         import vllm
 
         llm = vllm.LLM(model=str(model_path), **engine_arguments(config))
-        return cls(llm, config, vllm.SamplingParams)
+        engine = cls(llm, config, vllm.SamplingParams)
+        engine.vocab_size = _vocab_size(model_path)
+        return engine
 
     def _params(self, params: SamplingParams) -> Any:
         """vLLM sampling parameters: the sampled token's logprob only (``logprobs=0``), and
@@ -219,3 +226,17 @@ class VllmEngine:
             if not done.done():
                 done.cancel()
         self._pending = []
+
+
+NO_LIMIT = 1 << 62
+
+
+def _vocab_size(model_path: Path) -> int:
+    """The model's vocabulary size from its ``config.json`` (a multimodal model's text
+    config's), the size vLLM embeds; no limit when the file does not say."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return NO_LIMIT
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if isinstance(size, int) and size > 0 else NO_LIMIT

@@ -80,6 +80,24 @@ class RunLogger:
             if step % self.log_every == 0:
                 self._bar.write(self._row(step, metrics))
 
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """A few recent episodes, to see what the policy does and not only averages: each
+        ``{"prompt", "turns": [{"role", "text"}], "reward", ...}``. The console shows the
+        latest one; ``samples.jsonl`` and TensorBoard (text) all of them."""
+        if self.jsonl_path is not None:
+            with open(self.run_dir / "samples.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "samples": samples}) + "\n")
+        if self._tensorboard:
+            self._tensorboard.add_text("rollouts", "\n\n".join(_markdown(s) for s in samples), step)
+        if self._wandb:
+            import wandb
+
+            table = wandb.Table(columns=["prompt", "conversation", "reward"],
+                                data=[[s["prompt"], _one_line(s), s["reward"]] for s in samples])
+            self._wandb.log({"rollouts": table}, step=step)
+        if self._bar is not None:
+            self._bar.write(f"  sample at step {step}: {_one_line(samples[-1])}  reward={samples[-1]['reward']:.2f}")
+
     @staticmethod
     def _postfix(metrics: dict[str, float]) -> str:
         parts = []
@@ -124,6 +142,17 @@ class RunLogger:
             self._tensorboard.close()
         if self._wandb:
             self._wandb.finish()
+
+
+def _one_line(sample: dict[str, Any]) -> str:
+    """``prompt | policy: ... | env: ...`` with newlines shown as \\n."""
+    parts = [repr(sample["prompt"])] + [f"{t['role']}: {t['text']!r}" for t in sample["turns"]]
+    return " | ".join(parts)
+
+
+def _markdown(sample: dict[str, Any]) -> str:
+    turns = "  \n".join(f"**{t['role']}**: `{t['text']}`" for t in sample["turns"])
+    return f"**prompt**: `{sample['prompt']}`  \n{turns}  \n**reward**: {sample['reward']:.3f}"
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
