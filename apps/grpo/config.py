@@ -170,6 +170,7 @@ class EnvConfig:
     def make(self) -> Any:
         """A new environment."""
         import importlib
+        import inspect
 
         from forge.envs import Environment
 
@@ -182,9 +183,12 @@ class EnvConfig:
         except (ImportError, AttributeError) as e:
             raise ValueError(f"env.factory {self.factory!r} cannot be imported: {e}") from None
         try:
-            env = factory(**self.args)
+            inspect.signature(factory).bind(**self.args)
         except TypeError as e:
             raise ValueError(f"env.args {self.args} do not fit env.factory {self.factory!r}: {e}") from None
+        except ValueError:  # no signature to check (a builtin): the call below tells
+            pass
+        env = factory(**self.args)
         if not isinstance(env, Environment):
             raise ValueError(f"env.factory {self.factory!r} returned {type(env).__name__}, not a "
                              "forge.envs.Environment")
@@ -254,6 +258,10 @@ class GRPOConfig:
                 f"each trainer rank gets replay_buffer.batch_size / ranks = {share} sequences but "
                 f"trainer.training.local_batch_size={local}; raise local_batch_size to {share} (set "
                 "trainer.training.max_tokens_per_microbatch to bound memory) or lower the batch size")
+        if self.env.factory is not None and self.env.max_tokens >= self.policy.engine.max_model_len:
+            raise ValueError(f"env.max_tokens={self.env.max_tokens} leaves no room for a prompt in "
+                             f"policy.engine.max_model_len={self.policy.engine.max_model_len}; raise max_model_len "
+                             "or lower env.max_tokens")
         self._validate_placement()
         self._validate_colocate()
         unknown = sorted(set(self.metrics) - {"console", "jsonl", "tensorboard", "wandb"})
@@ -283,7 +291,8 @@ class GRPOConfig:
                 f"trainer.loss.temperature={loss.temperature} differs from policy.sampling.temperature="
                 f"{sampling.temperature}: the trainer and the reference model must score tokens at the temperature "
                 "they were sampled at; leave trainer.loss.temperature out (it follows the sampling one)")
-        max_tokens = loss.max_tokens or (sampling.max_tokens if loss.normalization == "dr_grpo" else 0)
+        budget = self.env.max_tokens if self.env.factory is not None else sampling.max_tokens  # an episode's
+        max_tokens = loss.max_tokens or (budget if loss.normalization == "dr_grpo" else 0)
         self.trainer.loss = dataclasses.replace(loss, temperature=sampling.temperature, max_tokens=max_tokens)
 
     @property

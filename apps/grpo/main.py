@@ -81,7 +81,8 @@ from forge.controller import (
     is_infrastructure_error,
 )
 from forge.data.rewards import MathReward
-from forge.envs import run_group
+from forge.envs import EpisodeError, run_group
+from forge.envs.rollout import stop_token_ids
 from forge.observability import drain_local_metrics, merge_metrics, record_metric
 from forge.observability.logger import RunLogger, plot_curves
 from forge.observability.reward_window import RewardWindow
@@ -91,6 +92,7 @@ from forge.util.tasks import await_chain
 
 logger = logging.getLogger("forge.grpo")
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+MAX_ENV_FAILURES = 20  # groups in a row whose environment failed: the run stops
 SAMPLES_LOGGED = 3  # recent conversations written to the logs every log_every steps
 PING_TIMEOUT_S = 2.0  # the stall report's probe of each process
 
@@ -228,6 +230,7 @@ class GRPORun:
         self.cfg, self.run_dir, self.s = cfg, run_dir, services
         self.pad_id = pad_id  # the tokenizer's, for padding a group's responses
         self.tokenizer = tokenizer  # for an environment's conversations (env.factory)
+        self.env_failures = 0  # groups in a row whose environment failed
         self.eval_rows = eval_rows  # held-out prompts for evaluation (empty: no evaluation)
         self.version = 0
         self.step = 0
@@ -289,8 +292,10 @@ class GRPORun:
                 prompts=[x["question"] for x in samples], responses=[[c.text for c in group] for group in completions],
                 targets=[x["target"] for x in samples])
         else:
-            completions = await asyncio.gather(*(self.episodes(x) for x in samples))
+            made = await asyncio.gather(*(self.episodes(x) for x in samples))
             self.generate_seconds += time.monotonic() - started
+            samples = [x for x, group in zip(samples, made) if group is not None]  # a failed environment's left out
+            completions = [group for group in made if group is not None]
             rewards = [[r.reward for r in group] for group in completions]
         self.tokens_generated += sum(policy_tokens(c) for group in completions for c in group)
         for sample, group, scores in zip(samples[:1], completions, rewards):  # one conversation per batch
@@ -318,11 +323,20 @@ class GRPORun:
     async def episodes(self, sample: dict[str, Any], greedy: bool = False) -> list[Any]:
         """``group_size`` episodes of the environment on one prompt (one, greedy, to evaluate),
         each its own conversation in a session of the policy; their rollout metrics recorded."""
-        env = self.cfg.env
-        sampling = {"max_tokens": self.cfg.policy.sampling.max_tokens, **({"temperature": 0} if greedy else {})}
-        rollouts = await run_group(self.s.policy, env.make, sample, self.tokenizer, 1 if greedy else self.cfg.group_size,
-                                   seed=None if greedy else self.sampling_seed(sample), max_turns=env.max_turns,
-                                   max_tokens=env.max_tokens, sampling_config=sampling)
+        cfg, env = self.cfg, self.cfg.env
+        sampling = {"max_tokens": cfg.policy.sampling.max_tokens, "stop_token_ids": cfg.policy.sampling.stop_token_ids,
+                    **({"temperature": 0} if greedy else {})}
+        try:
+            rollouts = await run_group(self.s.policy, env.make, sample, self.tokenizer, 1 if greedy else cfg.group_size,
+                                       seed=None if greedy else self.sampling_seed(sample), max_turns=env.max_turns,
+                                       max_tokens=env.max_tokens, sampling_config=sampling,
+                                       max_context=cfg.policy.engine.max_model_len)
+            if len({tuple(r.prompt_ids.tolist()) for r in rollouts}) > 1:
+                raise EpisodeError(f"{env.factory}: the environments of one row began with different prompts; GRPO "
+                                   "compares the episodes of one prompt, so reset(row) must depend on the row only")
+        except EpisodeError as e:
+            return self.environment_failed(e, greedy)
+        self.env_failures = 0
         if not greedy:
             for rollout in rollouts:
                 mask = rollout.loss_mask
@@ -333,6 +347,17 @@ class GRPORun:
                 for name, value in rollout.info.items():
                     record_metric(f"env/{name}", value, "mean")
         return rollouts
+
+    def environment_failed(self, error: EpisodeError, greedy: bool) -> list[Any] | None:
+        """A group whose environment failed is left out (a greedy one scores 0), and the run
+        goes on — unless ``MAX_ENV_FAILURES`` groups in a row failed: then the environment
+        is broken, not unlucky, and the run stops with its error."""
+        self.env_failures += 1
+        record_metric("env/failed_groups", 1, "sum")
+        logger.warning("a group was left out: %s", error)
+        if self.env_failures >= MAX_ENV_FAILURES:
+            raise RuntimeError(f"the environment failed {self.env_failures} groups in a row; the last: {error}") from error
+        return [] if greedy else None
 
     async def reference_logprobs(self, groups: list[list[Any]]) -> list[torch.Tensor | None]:
         """The reference model's logprobs of each group's responses (``[G, T]`` per group), one
@@ -487,7 +512,7 @@ class GRPORun:
         rows = self.eval_rows
         if self.cfg.env.factory is not None:  # solved: a greedy episode with full reward
             episodes = await asyncio.gather(*(self.episodes(row, greedy=True) for row in rows))
-            return sum(group[0].reward >= 1.0 for group in episodes) / len(episodes)
+            return sum(bool(group) and group[0].reward >= 1.0 for group in episodes) / len(episodes)
         answers = await asyncio.gather(*(
             self.s.policy.generate.route(row["request"], sampling_config={"n": 1, "temperature": 0})
             for row in rows))
@@ -555,6 +580,7 @@ class GRPORun:
         await self.s.trainer.push_weights.call(policy_version=self.version)
         await self.s.policy.update_weights.fanout(policy_version=self.version, source=self.s.trainer)
         truncate_metrics(run_dir / "metrics.jsonl", self.step)
+        truncate_metrics(run_dir / "samples.jsonl", self.step)
 
     # ---- watchdog ------------------------------------------------------------------
 
@@ -679,6 +705,8 @@ async def _prepare_run(cfg: GRPOConfig, run_dir: Path, services: Services, resum
         asyncio.to_thread(load_tokenizer, cfg.model.path),
         services.dataloader.eval_rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else _nothing(),
         _nothing() if resume else first_version())
+    if cfg.env.factory is not None:  # its stop tokens must be single tokens of this tokenizer: say so now
+        stop_token_ids(tokenizer, cfg.env.make().stop_tokens)
     grpo = GRPORun(cfg, run_dir, services, tokenizer.pad_token_id or 0, eval_rows or [], tokenizer)
     if resume:
         await grpo.restore(run_dir)

@@ -4,7 +4,7 @@ the prefix cache across turns, and the seed's ``optimized_multi_turn`` block."""
 import pytest
 
 from forge.actors.policy import Policy
-from forge.envs import ENV, POLICY, Environment, StepResult, run_group
+from forge.envs import ENV, POLICY, Environment, EpisodeError, StepResult, run_group
 from forge.models import load_tokenizer
 
 pytestmark = pytest.mark.timeout(180)
@@ -27,6 +27,11 @@ class Chatty(Environment):
 
     def reward(self):
         return float(len(self.turns))
+
+
+class Broken(Chatty):
+    async def step(self, turn):
+        return 1 / 0
 
 
 async def cache_stats(policy) -> list[dict]:
@@ -61,6 +66,17 @@ async def test_episodes_are_bounded_masked_and_reuse_their_conversation_in_the_p
                                     sampling_config=turn)
         for rollout in by_tokens:
             assert len(rollout.token_ids) <= 9 and rollout.finish_reason == "max_tokens"
+
+        # the engine's max_model_len bounds the conversation too: the episode ends before outgrowing it
+        short = await run_group(policy, Chatty, row, tokenizer, n=2, seed=3, max_turns=10, max_tokens=64,
+                                sampling_config=turn, max_context=70)
+        assert all(len(r.prompt_ids) + len(r.token_ids) <= 69 and r.finish_reason == "max_tokens" for r in short)
+
+        # an environment that fails is named; the group's other episodes still finish
+        with pytest.raises(EpisodeError, match=r"Broken.step raised ZeroDivisionError: division by zero"):
+            envs = iter([Broken(), Chatty(), Chatty()])
+            await run_group(policy, lambda: next(envs), row, tokenizer, n=3, max_turns=2, max_tokens=20,
+                            sampling_config=turn)
 
         with pytest.raises(Exception, match=r"outside the model's vocabulary \[0, \d+\): \[100000\]"):
             await policy.generate.route([5, 100000])  # refused before the engine's batch would fail on it

@@ -85,6 +85,8 @@ BAD = [
     (["env.factory=apps.tool_use.env:make_env", "env.args={timeout: 1}"], "env.args .* do not fit"),
     (["env.factory=apps.tool_use.env:calculator"], "returned str, not a forge.envs.Environment|do not fit"),
     (["env.max_turns=0"], "env.max_turns"),
+    (["env.factory=apps.tool_use.env:make_env", "env.max_tokens=40"], "leaves no room for a prompt"),
+    (["env.factory=apps.tool_use.env:make_env", "env.args={call_bonus: 2}"], "call_bonus"),
 ]
 
 

@@ -9,7 +9,7 @@ trained on, environment segments are context only).
 """
 
 from forge.envs.base import ENV, POLICY, Environment, Rollout, Segment, StepResult, Turn
-from forge.envs.rollout import run_episode, run_group
+from forge.envs.rollout import EpisodeError, run_episode, run_group
 from forge.envs.tools import (
     CompactToolCalls,
     JsonToolCalls,
@@ -21,6 +21,6 @@ from forge.envs.tools import (
     calculator,
 )
 
-__all__ = ["ENV", "POLICY", "Environment", "Rollout", "Segment", "StepResult", "Turn", "run_episode", "run_group",
+__all__ = ["ENV", "POLICY", "EpisodeError", "Environment", "Rollout", "Segment", "StepResult", "Turn", "run_episode", "run_group",
            "CompactToolCalls", "JsonToolCalls", "ToolCall", "ToolCallFormat", "ToolEnvironment", "ToolRegistry",
            "ToolResult", "calculator"]

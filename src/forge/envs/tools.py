@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import concurrent.futures
+import functools
 import inspect
 import json
 import math
 import operator
 import re
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -51,20 +52,26 @@ class ToolResult:
 class ToolRegistry:
     """Named Python callables (sync or async) the environment runs for the model.
 
-    A sync tool runs on a thread of the registry's own pool, so a slow one does not block
-    the event loop; ``timeout_s`` bounds every call. Python cannot kill a thread: a timed
-    out sync tool keeps its thread until it returns, and the pool has ``max_workers`` of
-    them — a tool that can hang forever belongs in a subprocess of its own.
+    ``timeout_s`` bounds every call from when it starts. A sync tool runs on a daemon
+    thread of its own, at most ``max_workers`` at a time (a burst of calls waits for a
+    free one, up to ``queue_timeout_s``), so a slow one does not block the event loop and
+    a hung one never blocks the process's exit. Python cannot kill a thread: a timed-out
+    sync tool keeps its thread, and its slot, until it returns — a tool that can hang
+    forever belongs in a subprocess of its own.
     """
 
     def __init__(self, tools: dict[str, Callable[..., Any]] | None = None, timeout_s: float = 5.0,
-                 max_result_chars: int = 500, max_workers: int = 4) -> None:
+                 max_result_chars: int = 500, max_workers: int = 8, queue_timeout_s: float = 60.0) -> None:
         check_seconds("ToolRegistry timeout_s", timeout_s)
+        check_seconds("ToolRegistry queue_timeout_s", queue_timeout_s)
         check_int("ToolRegistry max_result_chars", max_result_chars, 1)
+        check_int("ToolRegistry max_workers", max_workers, 1)
         self.timeout_s = timeout_s
+        self.queue_timeout_s = queue_timeout_s
         self.max_result_chars = max_result_chars
+        self.max_workers = max_workers
         self.tools: dict[str, Callable[..., Any]] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="forge-tool")
+        self._free: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}  # thread slots, per event loop
         for name, function in (tools or {}).items():
             self.register(name, function)
 
@@ -88,16 +95,46 @@ class ToolRegistry:
             if inspect.iscoroutinefunction(function):
                 value = await asyncio.wait_for(function(*args, **kwargs), self.timeout_s)
             else:
-                running = asyncio.get_running_loop().run_in_executor(self._pool, lambda: function(*args, **kwargs))
-                value = await asyncio.wait_for(running, self.timeout_s)
+                value = await self._on_a_thread(call.name, functools.partial(function, *args, **kwargs))
         except asyncio.TimeoutError:
             return ToolResult(False, f"error: tool {call.name!r} timed out after {self.timeout_s:g} s")
+        except _NoFreeThread as e:
+            return ToolResult(False, f"error: {e}")
         except Exception as e:  # the tool's own failure is the model's observation
             return ToolResult(False, f"error: {type(e).__name__}: {e}"[: self.max_result_chars])
         return ToolResult(True, str(value)[: self.max_result_chars])
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    async def _on_a_thread(self, name: str, work: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        free = self._free.setdefault(loop, asyncio.Semaphore(self.max_workers))
+        try:
+            await asyncio.wait_for(free.acquire(), self.queue_timeout_s)
+        except asyncio.TimeoutError:
+            raise _NoFreeThread(f"tool {name!r} did not start: all {self.max_workers} tool threads stayed busy for "
+                                f"{self.queue_timeout_s:g} s (hung tools keep theirs)") from None
+        done = loop.create_future()
+
+        def finish(value: Any, error: BaseException | None) -> None:
+            free.release()  # the thread's slot is free again only now, when the tool returned
+            if not done.done():
+                done.set_exception(error) if error is not None else done.set_result(value)
+
+        def run() -> None:
+            try:
+                value, error = work(), None
+            except BaseException as e:  # noqa: BLE001  (handed to the caller)
+                value, error = None, e
+            try:
+                loop.call_soon_threadsafe(finish, value, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        threading.Thread(target=run, name=f"forge-tool-{name}", daemon=True).start()
+        return await asyncio.wait_for(asyncio.shield(done), self.timeout_s)
+
+
+class _NoFreeThread(RuntimeError):
+    pass
 
 
 class ToolCallFormat(ABC):
@@ -218,8 +255,8 @@ def calculator(expression: str) -> str:
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
             left, right = value(node.left), value(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ValueError("exponent too large")
+            if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(right) * math.log2(abs(left) + 2) > 4096):
+                raise ValueError("result too large")  # checked before computing: a huge power holds the GIL
             return _OPERATORS[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
             return _OPERATORS[type(node.op)](value(node.operand))
