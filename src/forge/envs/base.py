@@ -15,6 +15,7 @@ a rollout like a one-turn ``Completion`` whose environment tokens carry no gradi
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +91,10 @@ class Segment:
 
 @dataclass
 class Rollout:
-    """A finished episode: the prompt, its segments, the reward and why it ended."""
+    """A finished episode: the prompt, its segments, the reward and why it ended.
+
+    Its whole-response tensors are built once, on first use (the pipeline reads them
+    several times); a rollout's segments do not change after it is made."""
 
     prompt: str
     prompt_ids: torch.Tensor  # [P] long
@@ -99,18 +103,18 @@ class Rollout:
     finish_reason: str  # "done", "max_turns" or "max_tokens"
     info: dict[str, float] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def token_ids(self) -> torch.Tensor:
         """[T] long: every response token, the policy's and the environment's, in order."""
         return torch.tensor([t for s in self.segments for t in s.token_ids], dtype=torch.long)
 
-    @property
+    @functools.cached_property
     def logprobs(self) -> torch.Tensor:
         """[T] float32: the generator's logprobs on policy tokens, 0 on environment tokens."""
         return torch.tensor([p for s in self.segments for p in (s.logprobs if s.trainable else [0.0] * len(s.token_ids))],
                             dtype=torch.float32)
 
-    @property
+    @functools.cached_property
     def loss_mask(self) -> torch.Tensor:
         """[T] long: 1 on the policy's tokens, 0 on the environment's."""
         return torch.tensor([int(s.trainable) for s in self.segments for _ in s.token_ids], dtype=torch.long)
