@@ -552,7 +552,7 @@ class ServiceClient:
         now on gets it too (one rebuilt during this call gets it from the controller)."""
         if method not in self._replayed or self._broken is not None:
             return
-        call = ReplayedCall(method, args, kwargs)
+        call = ReplayedCall.of(method, args, kwargs)
         self._replays.pop(method, None)
         self._replays[method] = call  # a replacement controller gets these
         try:

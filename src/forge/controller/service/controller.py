@@ -258,7 +258,8 @@ class ServiceController(Actor):
 
         async def catch_up() -> None:  # with the replicas that kept running
             for call in list(self._replays.values()):
-                await getattr(replica.actors, call.method).call(*call.args, **call.kwargs)
+                args, kwargs = call.arguments()
+                await getattr(replica.actors, call.method).call(*args, **kwargs)
 
         replica.pids = await start_mesh(replica.actors, spec.has_setup, spec.options.spawn_timeout_s,
                                         f"service {spec.name!r} replica {replica.replica_id}",
