@@ -228,7 +228,7 @@ class GRPORun:
     def __init__(self, cfg: GRPOConfig, run_dir: Path, services: Services, pad_id: int,
                  eval_rows: list[dict[str, Any]], tokenizer: Any = None) -> None:
         self.cfg, self.run_dir, self.s = cfg, run_dir, services
-        self.pad_id = pad_id  # the tokenizer's, for padding a group's responses
+        self.pad_id = pad_id  # fills a group's shorter responses (masked out)
         self.tokenizer = tokenizer  # for an environment's conversations (env.factory)
         self.env_failures = 0  # groups in a row whose environment failed
         self.eval_rows = eval_rows  # held-out prompts for evaluation (empty: no evaluation)
@@ -694,20 +694,21 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
 
 async def _prepare_run(cfg: GRPOConfig, run_dir: Path, services: Services, resume: bool) -> GRPORun:
     """The run's state: restored from the last checkpoint, or with the generators on version 0."""
-    from forge.models import load_tokenizer
+    from forge.models import load_tokenizer, padding_token_id
 
     async def first_version() -> None:  # the generators start from exactly the trainer's weights
         await services.trainer.push_weights.call(policy_version=0)
         await services.policy.update_weights.fanout(policy_version=0, source=services.trainer)
 
-    # The tokenizer (for its pad id) loads on a thread while the parts answer.
+    # An environment's conversations need the tokenizer here; it loads on a thread while the
+    # parts answer. Without one this process never imports transformers.
     tokenizer, eval_rows, _ = await asyncio.gather(
-        asyncio.to_thread(load_tokenizer, cfg.model.path),
+        asyncio.to_thread(load_tokenizer, cfg.model.path) if cfg.env.factory is not None else _nothing(),
         services.dataloader.eval_rows.call_one(cfg.data.eval_size) if cfg.run.eval_every else _nothing(),
         _nothing() if resume else first_version())
     if cfg.env.factory is not None:  # its stop tokens must be single tokens of this tokenizer: say so now
         stop_token_ids(tokenizer, cfg.env.make().stop_tokens)
-    grpo = GRPORun(cfg, run_dir, services, tokenizer.pad_token_id or 0, eval_rows or [], tokenizer)
+    grpo = GRPORun(cfg, run_dir, services, padding_token_id(cfg.model.path), eval_rows or [], tokenizer)
     if resume:
         await grpo.restore(run_dir)
     # every sampled id; cut back to the checkpoint on a resume

@@ -5,7 +5,15 @@ import json
 import pytest
 import torch
 
-from forge.models import PRESETS, build_tokenizer, load_model, load_tokenizer, materialize, resolve_model_path
+from forge.models import (
+    PRESETS,
+    build_tokenizer,
+    load_model,
+    load_tokenizer,
+    materialize,
+    padding_token_id,
+    resolve_model_path,
+)
 
 
 def test_the_tiny_preset_is_a_normal_hf_directory_written_once(tmp_path):
@@ -23,6 +31,14 @@ def test_a_preset_is_the_same_model_every_time(tmp_path):
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
     assert sum(p.numel() for p in a.parameters()) < 200_000
+
+
+def test_the_padding_id_comes_from_the_config_and_is_the_tokenizers_for_the_preset(tmp_path):
+    assert padding_token_id("tiny") == load_tokenizer("tiny").pad_token_id
+    for config, expected in [({"pad_token_id": 7, "eos_token_id": 2}, 7), ({"pad_token_id": None, "eos_token_id": [5, 6]}, 5),
+                             ({"eos_token_id": 3}, 3), ({}, 0)]:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert padding_token_id(tmp_path) == expected, config
 
 
 def test_the_char_tokenizer_round_trips_and_applies_its_chat_template():

@@ -90,6 +90,25 @@ def load_tokenizer(reference: str | os.PathLike) -> Any:
         return AutoTokenizer.from_pretrained(resolve_model_path(reference), local_files_only=True)
 
 
+def padding_token_id(reference: str | os.PathLike) -> int:
+    """A token id to pad responses with, read from the model's ``config.json``: its
+    ``pad_token_id``, else its (first) ``eos_token_id``, else 0.
+
+    Padding is masked out of every loss and metric, so any id of the vocabulary serves; the
+    config names one without importing ``transformers`` (about 1.5 s of CPU), which a
+    client that only pads need not pay.
+    """
+    import json
+
+    config = json.loads((resolve_model_path(reference) / "config.json").read_text())
+    for key in ("pad_token_id", "eos_token_id"):
+        value = config.get(key)
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return 0
+
+
 def import_transformers() -> None:
     """Import transformers' model classes now, safely while other threads of the process load too."""
     with _LOAD_LOCK:
