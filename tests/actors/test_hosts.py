@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -26,18 +25,6 @@ class Where(ForgeActor):
     async def where(self) -> dict:
         keys = ("FORGE_HOST", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
         return {"pid": os.getpid(), **{k: os.environ.get(k) for k in keys}}
-
-
-@pytest.fixture
-def tag(monkeypatch):
-    """Every process of the test (workers included: they copy this environment) carries it."""
-    value = uuid.uuid4().hex
-    monkeypatch.setenv("FORGE_TEST_TAG", value)
-    yield value
-    leftovers = procs_with_env("FORGE_TEST_TAG", value)
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"processes left running: {leftovers}"
 
 
 def worker_pid(pool, host_key: str) -> int:

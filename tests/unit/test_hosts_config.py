@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import shlex
 import subprocess
 import sys
 
@@ -15,8 +16,12 @@ from forge.util.config import build
 from forge.weights.store import WeightStore
 
 
+K8S = {"namespace": "rl", "image": "registry.example/forge:1"}
+
+
 @pytest.mark.parametrize("value,message", [
-    ({"source": "kubernetes", "groups": {"a": 1}}, r"hosts.source must be one of \['process_job', 'workers', 'slurm'\]"),
+    ({"source": "mesos", "groups": {"a": 1}},
+     r"hosts.source must be one of \['process_job', 'workers', 'slurm', 'ssh', 'kubernetes'\]"),
     ({"source": "process_job"}, "hosts.groups must name at least one host group"),
     ({"groups": {"a": 0}}, "hosts.groups.a must be a number of hosts >= 1, got 0"),
     ({"groups": {"1bad": 1}}, "group name '1bad' must be a letter"),
@@ -26,6 +31,53 @@ from forge.weights.store import WeightStore
     ({"groups": {"a": 1}, "slurm": {"partition": "gpu"}}, "hosts.slurm is only used with source 'slurm'"),
     ({"source": "slurm", "groups": {"a": 1}, "slurm": {"partiton": "gpu"}}, r"unknown SlurmJob option\(s\) \['partiton'\]"),
     ({"groups": {"a": 1}, "hostz": 1}, r"hosts: unknown field\(s\) \[.hostz.\]"),
+    # ssh
+    ({"source": "ssh", "groups": {"gen": 2}}, r"hosts.groups.gen: source 'ssh' needs a list of host names"),
+    ({"source": "ssh", "groups": {"gen": ["root@127.0.0.1"]}}, "give the user as hosts.ssh.user"),
+    ({"source": "ssh", "groups": {"gen": ["127.0.0.1:2222"]}}, "give the ssh port as hosts.ssh.port"),
+    ({"source": "ssh", "groups": {"gen": ["127.0.0.1 -p 1"]}}, "is not a host name or address"),
+    ({"source": "ssh", "groups": {"gen": ["127.0.0.1"], "train": ["127.0.0.1"]}},
+     r"hosts.groups.train: host '127.0.0.1' is also in group 'gen'.*127.0.0.1 and 127.0.0.2"),
+    ({"source": "ssh", "groups": {"gen": ["node1"]}}, r"hosts.transport: the workers on \['node1'\] must reach"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"usr": "me"}}, r"hosts.ssh: unknown field\(s\) \['usr'\]"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"port": 0}}, r"hosts.ssh.port must be a port number \(1-65535\), got 0"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"port": "22"}}, "hosts.ssh.port must be int"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"monarch_port": 70000}}, "hosts.ssh.monarch_port must be"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"user": "a b"}}, "hosts.ssh.user must be a user name"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"identity_file": "/no/such/key"}},
+     "hosts.ssh.identity_file: no file '/no/such/key' on this machine"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"ssh_args": ["-v", 3]}}, r"hosts.ssh.ssh_args\[1\] must be str"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"cwd": "work"}}, "hosts.ssh.cwd must be an absolute path"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"env": {"FORGE_JOB_ID": "x"}}},
+     "hosts.ssh.env.FORGE_JOB_ID is set by Forge"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"env": {"A-B": "x"}}}, "'A-B' is not an environment variable"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "ssh": {"env": {"A": [1]}}}, "hosts.ssh.env.A must be a string or a number"),
+    ({"groups": {"a": 1}, "ssh": {"user": "me"}}, "hosts.ssh is only used with source 'ssh', not 'process_job'"),
+    # kubernetes
+    ({"source": "kubernetes", "groups": {"gen": ["a"]}, "kubernetes": K8S}, "hosts.groups.gen must be a number of hosts"),
+    ({"source": "kubernetes", "groups": {"gen_a": 1}, "kubernetes": K8S},
+     "group name 'gen_a' must be lowercase letters and digits, at most 51 characters, for source 'kubernetes'"),
+    ({"source": "kubernetes", "groups": {"Gen": 1}, "kubernetes": K8S}, "group name 'Gen' must be lowercase"),
+    ({"source": "kubernetes", "groups": {"gen": 1}, "kubernetes": {"image": "x"}},
+     "hosts.kubernetes.namespace must name a Kubernetes namespace"),
+    ({"source": "kubernetes", "groups": {"gen": 1}, "kubernetes": {**K8S, "namespace": "My_NS"}},
+     "hosts.kubernetes.namespace must name a Kubernetes namespace .*got 'My_NS'"),
+    ({"source": "kubernetes", "groups": {"gen": 1}, "kubernetes": {"namespace": "rl"}},
+     "hosts.kubernetes.image must name the worker pods' container image"),
+    ({"source": "kubernetes", "groups": {"gen": 1}, "kubernetes": {**K8S, "gpus_per_pod": -1}},
+     "hosts.kubernetes.gpus_per_pod must be an int >= 0, got -1"),
+    ({"source": "kubernetes", "groups": {"gen": 1}, "kubernetes": {**K8S, "resources": {"nvidia.com/gpu": 8}}},
+     "give nvidia.com/gpu as hosts.kubernetes.gpus_per_pod"),
+    ({"source": "kubernetes", "groups": {"gen": 1}, "kubernetes": {**K8S, "resources": {"memory": ""}}},
+     "hosts.kubernetes.resources.memory must be a quantity such as 16 or '64Gi'"),
+    ({"source": "kubernetes", "groups": {"gen": 1}, "kubernetes": {**K8S, "kubeconfig": "/no/kubeconfig"}},
+     "hosts.kubernetes.kubeconfig: no file"),
+    ({"source": "kubernetes", "groups": {"gen": 1}, "kubernetes": {**K8S, "ready_timeout_s": 0}},
+     "hosts.kubernetes.ready_timeout_s must be a positive number of seconds"),
+    ({"source": "kubernetes", "groups": {"gen": 1}, "kubernetes": {**K8S, "imag": "x"}},
+     r"hosts.kubernetes: unknown field\(s\) \['imag'\]"),
+    ({"source": "ssh", "groups": {"gen": ["localhost"]}, "kubernetes": K8S},
+     "hosts.kubernetes is only used with source 'kubernetes', not 'ssh'"),
 ])
 def test_bad_host_configs_are_refused_naming_the_field(value, message):
     with pytest.raises(ValueError, match=message):
@@ -44,6 +96,82 @@ def test_a_slurm_config_becomes_a_monarch_slurm_job_without_submitting_anything(
     assert job._meshes == {"gen": 2, "train": 4}
     assert (job._partition, job._time_limit, job._gpus_per_node, job._account) == ("gpu", "02:00:00", 8, "rl")
     assert list(job._slurm_args) == ["--constraint=h100"]
+
+
+def test_an_ssh_job_logs_in_with_the_options_given_and_starts_each_worker_with_the_jobs_environment(tmp_path):
+    import monarch.config
+
+    key = tmp_path / "id_ed25519"
+    key.touch()
+    config = HostsConfig.parse({
+        "source": "ssh", "groups": {"gen": ["node1", "node2"], "train": ["node3"]}, "transport": "tcp",
+        "ssh": {"user": "alice", "port": 2222, "identity_file": str(key), "ssh_args": ["-o", "ConnectTimeout=5"],
+                "monarch_port": 23000, "cwd": "/srv/my forge", "env": {"HF_HOME": "/data/hf", "NOTE": "it's", "N": 4}},
+    })
+    before = monarch.config.get_global_config()["default_transport"]
+    job = make_job(config, "abc123")
+    assert monarch.config.get_global_config()["default_transport"] == before  # hosts.transport is init_hosts' to set
+    assert job._meshes == {"gen": ["node1", "node2"], "train": ["node3"]}
+    command = job.ssh_command("node2", "tcp://node2:23000")
+    assert command[:-1] == ["ssh", "-o", "ConnectTimeout=5", "-o", "BatchMode=yes", "-l", "alice", "-p", "2222",
+                            "-i", str(key), "node2"]
+    assert shlex.split(command[-1]) == [
+        "cd", "/srv/my forge", "&&", "exec", "env", "FORGE_HOST_ADDR=node2", "HF_HOME=/data/hf", "NOTE=it's", "N=4",
+        "FORGE_JOB_ID=abc123", "HYPERACTOR_MESH_GET_PROC_STATE_MAX_IDLE=15s", "HYPERACTOR_MESSAGE_DELIVERY_TIMEOUT=15s",
+        sys.executable, "-m", "forge.controller.worker", "--address", "tcp://node2:23000", "--stop-on-stdin-eof"]
+
+
+def test_ssh_hosts_on_this_machine_need_no_transport_and_start_where_the_client_runs():
+    config = HostsConfig.parse({"source": "ssh", "groups": {"gen": ["127.0.0.1"], "train": ["127.0.0.2"]}})
+    job = make_job(config, "abc")
+    assert shlex.split(job.remote_command("127.0.0.2", "x"))[:2] == ["cd", os.getcwd()]
+    assert job.ssh_command("127.0.0.2", "x")[:4] == ["ssh", "-o", "BatchMode=yes", "127.0.0.2"]
+
+
+K8S_CONFIG = {"source": "kubernetes", "groups": {"gen": 2, "train": 1},
+              "kubernetes": {**K8S, "gpus_per_pod": 4, "resources": {"cpu": 16, "memory": "64Gi"},
+                             "shared_memory_size": "16Gi"}}
+
+
+def test_a_kubernetes_config_without_the_kubernetes_package_says_how_to_install_it(monkeypatch):
+    config = HostsConfig.parse(K8S_CONFIG)  # checked without the package
+    monkeypatch.setitem(sys.modules, "kubernetes", None)  # as where it is not installed (as here)
+    for module in ("monarch.job.kubernetes", "monarch._src.job.kubernetes"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(RuntimeError, match=r"needs the Kubernetes Python client, which Forge does not install: "
+                                           r"pip install 'torchmonarch\[kubernetes\]==0.7.0'"):
+        make_job(config, "0123456789ab")
+
+
+def test_a_kubernetes_config_becomes_one_monarch_mesh_per_group_named_for_the_job():
+    pytest.importorskip("kubernetes", reason="the kubernetes package is not installed (Forge does not need it)")
+    from monarch.config import configured
+    from monarch.job.kubernetes import ImageSpec
+
+    with configured():  # KubernetesJob switches this process's default transport to TCP; undo it for later tests
+        job = make_job(HostsConfig.parse(K8S_CONFIG), "0123456789ab")
+    assert job._namespace == "rl" and sorted(job._meshes) == ["gen0123456789ab", "train0123456789ab"]
+    gen = job._meshes["gen0123456789ab"]
+    assert gen["num_replicas"] == 2 and gen["provisioned"]
+    assert gen["image_spec"] == ImageSpec("registry.example/forge:1", shared_memory_size="16Gi",
+                                          resources={"cpu": 16, "memory": "64Gi", "nvidia.com/gpu": 4})
+    assert gen["labels"] == {"app.kubernetes.io/managed-by": "forge", "forge-job-id": "0123456789ab"}
+
+
+def test_a_master_address_other_hosts_cannot_reach_is_refused():
+    from forge.controller.hosts.config import HostInfo
+    from forge.controller.hosts.registry import unreachable_master
+
+    def hosts(*addresses):
+        return [HostInfo(f"g-{i}", "g", i, "h", a, ()) for i, a in enumerate(addresses)]
+
+    assert unreachable_master("process_job", hosts("127.0.0.1", "127.0.0.1")) is None  # one machine
+    assert unreachable_master("ssh", hosts("127.0.0.1", "127.0.0.2")) is None  # two names of this machine
+    assert unreachable_master("workers", hosts("127.0.0.1")) is None  # a single host is its own master
+    assert "set FORGE_HOST_ADDR" in unreachable_master("workers", hosts("127.0.0.1", "127.0.0.1"))
+    assert "which hosts ['g-1'] of the same placement cannot reach" in unreachable_master(
+        "ssh", hosts("127.0.0.1", "10.0.0.7"))
+    assert unreachable_master("ssh", hosts("10.0.0.6", "10.0.0.7")) is None
 
 
 def test_a_process_job_tags_its_workers_with_the_job_id():

@@ -10,6 +10,11 @@ hosts come from (``HostsConfig.source``):
   their addresses. Forge attaches to them and leaves them running after the job.
 * ``slurm`` — Monarch's ``SlurmJob``: one allocation with a node count per group,
   configured by ``HostsConfig.slurm`` (``partition``, ``time_limit``, ``gpus_per_node``...).
+* ``ssh`` — Monarch's ``SSHJob`` (``jobs.ForgeSSHJob``): ``groups`` lists machines; Forge
+  starts a worker on each over ``ssh`` (``HostsConfig.ssh``: user, port, key...), which
+  ends with that connection — at shutdown, or when the client dies.
+* ``kubernetes`` — Monarch's ``KubernetesJob``: a MonarchMesh resource per group (pods
+  of ``HostsConfig.kubernetes.image``), made by the Monarch operator; deleted at shutdown.
 
 Without a pool every process runs on this host, as before. With one,
 ``Cls.options(hosts=N, host_group="gen")`` puts each replica (or the actor) on ``N``
@@ -40,7 +45,8 @@ from forge.controller.hosts.config import (
     Placement,
     supervision_env,
 )
-from forge.controller.hosts.pool import HostPool, current_pool, init_hosts, make_job, shutdown_hosts
+from forge.controller.hosts.jobs import make_job
+from forge.controller.hosts.pool import HostPool, current_pool, init_hosts, shutdown_hosts
 from forge.controller.hosts.registry import (
     place,
     placement_alive,

@@ -10,6 +10,7 @@ import time
 
 from monarch.actor import Actor, endpoint
 
+from forge.controller.hosts.config import HOST_ADDR_ENV
 from forge.util.procs import descendants, has_env, kill_tagged, pid_alive
 from forge.util.reaper import JOB_ID_ENV
 from forge.controller.provisioner import free_port, visible_gpus
@@ -22,8 +23,8 @@ logger = logging.getLogger("forge.hosts")
 
 def host_address() -> str:
     """How other hosts reach this one: ``$FORGE_HOST_ADDR``, else the hostname's address."""
-    if os.environ.get("FORGE_HOST_ADDR"):
-        return os.environ["FORGE_HOST_ADDR"]
+    if os.environ.get(HOST_ADDR_ENV):
+        return os.environ[HOST_ADDR_ENV]
     try:
         address = socket.gethostbyname(socket.gethostname())
     except OSError:

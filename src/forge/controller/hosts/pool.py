@@ -14,13 +14,21 @@ from typing import Any
 
 from monarch.actor import this_host
 
-from forge.controller.hosts.config import HostInfo, HostRequest, HostsConfig, HostStatus, delivery_timeout_s, supervision_env
+from forge.controller.hosts.config import (
+    JOB_ID_LEN,
+    HostInfo,
+    HostRequest,
+    HostsConfig,
+    HostStatus,
+    delivery_timeout_s,
+    supervision_env,
+)
 from forge.controller.errors import HostRegistryLost
+from forge.controller.hosts.jobs import make_job, mesh_name
 from forge.controller.hosts.registry import HostRegistry
 from forge.util.procs import pid_alive
 from forge.util.tmpdirs import job_tmpdir, owned_tmpdir_of_this_process
 from forge.controller.provisioner import ensure_runtime, spawn_proc_mesh
-from forge.util.reaper import JOB_ID_ENV
 
 logger = logging.getLogger("forge.hosts")
 
@@ -188,22 +196,6 @@ def start_reaper(job_id: str, tmpdir: Path) -> subprocess.Popen:
     )
 
 
-def make_job(config: HostsConfig, job_id: str, tmpdir: Path | None = None) -> Any:
-    """The Monarch job for a ``process_job`` or ``slurm`` config (not started yet).
-
-    ``tmpdir`` becomes a ``process_job``'s workers' ``TMPDIR``: each worker binds its
-    processes' sockets in a directory there, which a killed worker would leave behind.
-    """
-    from monarch.job import ProcessJob, SlurmJob
-
-    if config.source == "process_job":
-        env = {JOB_ID_ENV: job_id, **supervision_env(config.failure_timeout_s)}
-        return ProcessJob(config.host_counts(), env={**env, "TMPDIR": str(tmpdir)} if tmpdir else env)
-    if config.source == "slurm":
-        return SlurmJob(meshes=config.host_counts(), **config.slurm)
-    raise ValueError(f"source {config.source!r} has no Monarch job")
-
-
 async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
     """Start (or attach to) the hosts of ``config`` and make them this process's pool.
 
@@ -223,7 +215,7 @@ async def init_hosts(config: HostsConfig | dict[str, Any]) -> HostPool:
     monarch.config.configure(message_delivery_timeout=f"{delivery_timeout_s(config.failure_timeout_s)}s")
     ensure_runtime()
     try:
-        pool = await _start_pool(config, uuid.uuid4().hex[:12], previous_timeout)
+        pool = await _start_pool(config, uuid.uuid4().hex[:JOB_ID_LEN], previous_timeout)
     except BaseException:
         if previous_timeout is not None:
             monarch.config.configure(message_delivery_timeout=previous_timeout)
@@ -247,22 +239,32 @@ def _enable_transport(transport: str | None) -> None:
         ) from None
 
 
-async def _attach_to_workers(config: HostsConfig) -> dict[str, Any]:
-    """Host meshes of hand-started workers (source 'workers'), each group connected in time."""
-    from monarch.actor import attach_to_workers
+async def _connect(config: HostsConfig, meshes: dict[str, Any], job: Any = None) -> None:
+    """Wait until every group's hosts answer, each group within ``connect_timeout_s``.
 
-    meshes = {g: attach_to_workers(name=g, workers=list(addrs), ca="trust_all_connections")
-              for g, addrs in config.groups.items()}
+    Before the registry is spawned with the meshes: spawning it would wait for them, and
+    a process mesh stuck spawning cannot be stopped. A host whose ``ssh`` ends first
+    (wrong key, host down, no Python or Forge at the paths given) fails it at once.
+    """
     for group, mesh in meshes.items():
+        connected = asyncio.ensure_future(asyncio.wait_for(mesh.initialized, config.connect_timeout_s))
         try:
-            await asyncio.wait_for(mesh.initialized, config.connect_timeout_s)
+            while not (await asyncio.wait({connected}, timeout=0.5))[0]:
+                ended = job.exited() if hasattr(job, "exited") else {}  # ssh: each host's ssh process
+                if ended:
+                    group_of = {h: g for g, hosts in config.groups.items() for h in hosts}
+                    raise RuntimeError(
+                        "ssh to a host ended before its worker answered: "
+                        + ", ".join(f"{h} (group {group_of[h]!r}): exit status {code}" for h, code in ended.items())
+                        + "; ssh's and the worker's error output is above (exit status 255: ssh itself failed)")
+            connected.result()
         except asyncio.TimeoutError:
-            raise TimeoutError(
-                f"could not connect to the workers of group {group!r} {config.groups[group]} in "
-                f"{config.connect_timeout_s} s; start each with "
-                "`python -m forge.controller.worker --address tcp://0.0.0.0:PORT`"
-            ) from None
-    return meshes
+            hint = ("; start each with `python -m forge.controller.worker --address tcp://0.0.0.0:PORT`"
+                    if config.source == "workers" else "")
+            raise TimeoutError(f"could not connect to the hosts of group {group!r} {config.groups[group]} in "
+                               f"{config.connect_timeout_s} s (source {config.source!r}){hint}") from None
+        finally:
+            connected.cancel()
 
 
 async def _start_pool(config: HostsConfig, job_id: str, previous_timeout: Any) -> HostPool:
@@ -274,14 +276,21 @@ async def _start_pool(config: HostsConfig, job_id: str, previous_timeout: Any) -
     loop = asyncio.get_running_loop()
     try:
         if config.source == "workers":
-            meshes = await _attach_to_workers(config)
+            from monarch.actor import attach_to_workers
+
+            meshes = {g: attach_to_workers(name=g, workers=list(addrs), ca="trust_all_connections")
+                      for g, addrs in config.groups.items()}
         else:
             if config.source == "process_job":
                 tmpdir = job_tmpdir(job_id)
                 reaper = start_reaper(job_id, tmpdir)
             job = make_job(config, job_id, tmpdir)
+            if config.source == "kubernetes":
+                logger.info("host pool %s: MonarchMesh resources %s in namespace %s", job_id,
+                            [mesh_name(config, g, job_id) for g in config.groups], config.kubernetes.namespace)
             state = await loop.run_in_executor(None, lambda: job.state(cached_path=None))
-            meshes = {g: getattr(state, g) for g in config.groups}
+            meshes = {g: getattr(state, mesh_name(config, g, job_id)) for g in config.groups}
+        await _connect(config, meshes, job)
         pool = HostPool(config, job_id, job, meshes, previous_timeout)
         pool._reaper, reaper = reaper, None
         pool._tmpdir, tmpdir = tmpdir, None

@@ -23,6 +23,7 @@ from forge.controller.hosts.config import (
     HostStatus,
     Placement,
     drain_s,
+    is_loopback,
 )
 from forge.util.reaper import JOB_ID_ENV
 from forge.util.tasks import Nursery
@@ -101,12 +102,9 @@ class HostRegistry(Actor):
                     + (f" with {request.procs} free GPU(s) each" if request.with_gpus else "")
                     + f"; live hosts: {live or 'none'}, dead: {[h.info.key for h in hosts if not h.alive]}"
                 )
-            if len(window) > 1 and self._config.source != "process_job" and window[0].info.address.startswith("127."):
-                raise RuntimeError(
-                    f"{owner}: host {window[0].info.key} ({window[0].info.hostname}) resolves its own name to "
-                    f"loopback, so ranks on other hosts could not reach it as MASTER_ADDR; set FORGE_HOST_ADDR "
-                    "to its cluster address in that worker's environment"
-                )
+            unreachable = unreachable_master(self._config.source, [h.info for h in window])
+            if unreachable:
+                raise RuntimeError(f"{owner}: {unreachable}")
             first = hosts.index(window[0])
             gpus = {}
             for host in window:
@@ -255,6 +253,24 @@ class HostRegistry(Actor):
         """
         while await self._ping(host):
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+def unreachable_master(source: str, window: list[HostInfo]) -> str | None:
+    """Why ranks on the other hosts of a window could not reach its first host, their
+    ``MASTER_ADDR``; None if they can. Simulated hosts (``process_job``) all are this
+    machine. An ssh host's address is its name in ``hosts.groups``: a loopback one is this
+    machine, reachable from the window's other hosts only if they are this machine too."""
+    first = window[0]
+    if len(window) == 1 or source == "process_job" or not is_loopback(first.address):
+        return None
+    if source == "ssh":
+        remote = [h.key for h in window if not is_loopback(h.address)]
+        return None if not remote else (
+            f"host {first.key} is {first.address}, this machine's loopback, which hosts {remote} of the same "
+            "placement cannot reach; name it by an address they can reach in hosts.groups")
+    return (f"host {first.key} ({first.hostname}) resolves its own name to loopback, so ranks on other hosts "
+            "could not reach it as MASTER_ADDR; set FORGE_HOST_ADDR to its cluster address in that worker's "
+            "environment")
 
 
 # ---- placing and spawning ------------------------------------------------------------
