@@ -26,7 +26,7 @@ from tests.helpers import interruptible, monarch_procs_with_env, procs_with_env,
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["group_size=4", "replay_buffer.batch_size=16", "trainer.training.local_batch_size=16",
-         "run.rollout_tasks=2", "run.log_every=1", "run.eval_every=2", "data.eval_size=8", "run.target_reward=null",
+         "run.rollout_tasks=2", "run.groups_per_rollout=4", "run.log_every=1", "run.eval_every=2", "data.eval_size=8", "run.target_reward=null",
          "run.stall_timeout_s=60",
          "metrics=[jsonl]",
          # these tests are about the pipeline and its faults, on a random policy whose groups are
