@@ -53,7 +53,10 @@ def _stop_on_stdin_eof(job_id: str, tmpdir: Path) -> None:
     """Wait for stdin to close, then kill the job's processes under this worker and exit."""
     from forge.util.procs import descendants, kill_tagged
 
-    while os.read(0, 65536):
+    try:
+        while os.read(0, 65536):
+            pass
+    except OSError:  # stdin unreadable: as good as closed
         pass
     for _ in range(3):  # processes may still be spawning children while we kill
         if not kill_tagged(descendants(os.getpid()), JOB_ID_ENV, job_id):

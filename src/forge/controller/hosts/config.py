@@ -23,6 +23,11 @@ _HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 JOB_ID_LEN = 12  # hex digits of a pool's job id (FORGE_JOB_ID)
 GPU_RESOURCE = "nvidia.com/gpu"  # a Kubernetes pod's GPUs
+_K8S_GROUP_MAX = 63 - len("-svc") - JOB_ID_LEN  # "<group><job id>-svc" is a DNS label
+_RESOURCE_NAME = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")  # a Kubernetes quantity
+# ssh options that detach the remote command from the connection's stdin, or give it a terminal
+_SSH_ARGS_REFUSED = ("-n", "-f", "-N", "-t", "-tt", "-W")
 
 
 # ---- configuration ----------------------------------------------------------------
@@ -137,8 +142,12 @@ class HostsConfig:
                 if isinstance(host, str) and ":" in host:
                     raise ValueError(f"{where}: {host!r}: give the ssh port as hosts.ssh.port "
                                      "(IPv6 addresses are not supported)")
-                if not isinstance(host, str) or not _HOST_NAME.match(host):
+                if not isinstance(host, str) or not _HOST_NAME.match(host) or ".." in host or host.endswith(("-", ".")):
                     raise ValueError(f"{where}: {host!r} is not a host name or address")
+                same = {"localhost": "127.0.0.1", "127.0.0.1": "localhost"}.get(host)
+                if same in seen:
+                    raise ValueError(f"{where}: {host!r} and {same!r} are one address, and its workers would share "
+                                     "hosts.ssh.monarch_port; name the second loopback host 127.0.0.2")
                 if host in seen:
                     raise ValueError(
                         f"{where}: host {host!r} is also in group {seen[host]!r}; Monarch's SSHJob runs one worker "
@@ -151,6 +160,15 @@ class HostsConfig:
         if ssh.port is not None:
             _check_port("hosts.ssh.port", ssh.port)
         _check_port("hosts.ssh.monarch_port", ssh.monarch_port)
+        if ssh.port is not None and ssh.port == ssh.monarch_port:
+            raise ValueError(f"hosts.ssh.monarch_port {ssh.monarch_port} is also hosts.ssh.port: the workers "
+                             "would listen on the port ssh logs in on; pick another")
+        if not isinstance(ssh.ssh_args, list) or not all(isinstance(a, str) for a in ssh.ssh_args):
+            raise ValueError(f"hosts.ssh.ssh_args must be a list of strings, got {ssh.ssh_args!r}")
+        breaking = sorted(a for a in ssh.ssh_args if a in _SSH_ARGS_REFUSED)
+        if breaking:
+            raise ValueError(f"hosts.ssh.ssh_args: {breaking} would detach the worker from its ssh connection "
+                             "(its stdin, which stops it with the client) or give it a terminal; leave them out")
         if ssh.identity_file is not None and not os.path.isfile(os.path.expanduser(ssh.identity_file)):
             raise ValueError(f"hosts.ssh.identity_file: no file {ssh.identity_file!r} on this machine")
         if ssh.cwd is not None and not (isinstance(ssh.cwd, str) and ssh.cwd.startswith("/")):
@@ -158,8 +176,9 @@ class HostsConfig:
         for key, value in ssh.env.items():
             if not isinstance(key, str) or not _ENV_NAME.match(key):
                 raise ValueError(f"hosts.ssh.env: {key!r} is not an environment variable name")
-            if key in (JOB_ID_ENV, HOST_ADDR_ENV):
-                raise ValueError(f"hosts.ssh.env.{key} is set by Forge (the job's id; each host's name)")
+            if key in (JOB_ID_ENV, HOST_ADDR_ENV, *supervision_env(self.failure_timeout_s)):
+                raise ValueError(f"hosts.ssh.env.{key} is set by Forge (the job's id, each host's name, Monarch's "
+                                 "timeouts)")
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise ValueError(f"hosts.ssh.env.{key} must be a string or a number, got {value!r}")
         remote = sorted(h for h in seen if not is_loopback(h))
@@ -170,10 +189,14 @@ class HostsConfig:
 
     def _validate_kubernetes(self) -> None:
         for group in self.groups:
-            if not (group.isalnum() and group.islower() and len(group) <= 63 - JOB_ID_LEN):
+            if not (group.isalnum() and group.isascii() and group.islower() and len(group) <= _K8S_GROUP_MAX):
                 raise ValueError(
                     f"hosts.groups: group name {group!r} must be lowercase letters and digits, at most "
-                    f"{63 - JOB_ID_LEN} characters, for source 'kubernetes' (it names a MonarchMesh resource)")
+                    f"{_K8S_GROUP_MAX} characters, for source 'kubernetes' (with the job id it names a MonarchMesh "
+                    "resource and its '-svc' Service, a 63-character DNS label)")
+        if self.transport not in (None, "tcp"):
+            raise ValueError(f"hosts.transport: Monarch's KubernetesJob sets the transport itself (tcp by host name); "
+                             f"leave it unset or 'tcp', got {self.transport!r}")
         k8s = self.kubernetes
         if not isinstance(k8s.namespace, str) or not _DNS_LABEL.match(k8s.namespace) or len(k8s.namespace) > 63:
             raise ValueError(f"hosts.kubernetes.namespace must name a Kubernetes namespace (lowercase letters, "
@@ -181,14 +204,21 @@ class HostsConfig:
         if not k8s.image or any(c.isspace() for c in k8s.image):
             raise ValueError(f"hosts.kubernetes.image must name the worker pods' container image, got {k8s.image!r}")
         check_int("hosts.kubernetes.gpus_per_pod", k8s.gpus_per_pod, 0)
+        if not isinstance(k8s.resources, dict):
+            raise ValueError(f"hosts.kubernetes.resources must be a mapping such as {{cpu: 16, memory: 64Gi}}, "
+                             f"got {k8s.resources!r}")
         for key, value in k8s.resources.items():
+            if not isinstance(key, str) or not _RESOURCE_NAME.match(key):
+                raise ValueError(f"hosts.kubernetes.resources: {key!r} is not a resource name such as cpu, memory "
+                                 "or example.com/device")
             if key == GPU_RESOURCE:
                 raise ValueError(f"hosts.kubernetes.resources: give {GPU_RESOURCE} as hosts.kubernetes.gpus_per_pod")
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ((isinstance(value, str) and value.strip()) or (number and value > 0)):
+            if not ((isinstance(value, str) and _QUANTITY.match(value)) or (number and 0 < value < float("inf"))):
                 raise ValueError(f"hosts.kubernetes.resources.{key} must be a quantity such as 16 or '64Gi', "
                                  f"got {value!r}")
-        if k8s.shared_memory_size is not None and not k8s.shared_memory_size:
+        if k8s.shared_memory_size is not None and not (isinstance(k8s.shared_memory_size, str)
+                                                       and _QUANTITY.match(k8s.shared_memory_size)):
             raise ValueError("hosts.kubernetes.shared_memory_size must be a size such as '16Gi'")
         if k8s.kubeconfig is not None and not os.path.isfile(os.path.expanduser(k8s.kubeconfig)):
             raise ValueError(f"hosts.kubernetes.kubeconfig: no file {k8s.kubeconfig!r} on this machine")

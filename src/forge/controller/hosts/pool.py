@@ -267,12 +267,25 @@ async def _connect(config: HostsConfig, meshes: dict[str, Any], job: Any = None)
             connected.cancel()
 
 
+def _kill_job(job: Any) -> None:
+    """Stop what ``job`` started, also when its start failed halfway: Monarch's ``kill()``
+    does nothing until the job's ``apply()`` has finished, so e.g. the first of two ssh
+    hosts, or Kubernetes resources made before an error, would be left running."""
+    if job.active:
+        job.kill()
+        return
+    try:
+        job._kill()
+    except Exception as e:  # noqa: BLE001  (nothing was started, or it is already gone)
+        logger.info("stopping a job whose start failed: %r", e)
+
+
 async def _start_pool(config: HostsConfig, job_id: str, previous_timeout: Any) -> HostPool:
     """The hosts (a Monarch job, or attached workers) and the pool's registry and agents on them.
 
     Until the pool owns them, what was started here (job, reaper, temp directory) is undone
     on a failure; after, a failure shuts the pool down."""
-    job = reaper = tmpdir = None
+    job = reaper = tmpdir = starting = None
     loop = asyncio.get_running_loop()
     try:
         if config.source == "workers":
@@ -288,7 +301,8 @@ async def _start_pool(config: HostsConfig, job_id: str, previous_timeout: Any) -
             if config.source == "kubernetes":
                 logger.info("host pool %s: MonarchMesh resources %s in namespace %s", job_id,
                             [mesh_name(config, g, job_id) for g in config.groups], config.kubernetes.namespace)
-            state = await loop.run_in_executor(None, lambda: job.state(cached_path=None))
+            starting = loop.run_in_executor(None, lambda: job.state(cached_path=None))
+            state = await asyncio.shield(starting)
             meshes = {g: getattr(state, mesh_name(config, g, job_id)) for g in config.groups}
         await _connect(config, meshes, job)
         pool = HostPool(config, job_id, job, meshes, previous_timeout)
@@ -297,7 +311,9 @@ async def _start_pool(config: HostsConfig, job_id: str, previous_timeout: Any) -
         job = None  # the pool owns it now
     finally:
         if job is not None:
-            await loop.run_in_executor(None, job.kill)
+            if starting is not None and not starting.done():  # cancelled: the start goes on in its thread
+                await asyncio.wait([starting])
+            await loop.run_in_executor(None, _kill_job, job)
         if reaper is not None:
             reaper.kill()
             reaper.wait()
