@@ -9,13 +9,14 @@ memory each step. The one-process loop is synchronous and on-policy. Evaluation 
 checkpoints are off in both so that episodes/s compare like for like. Reports steps and
 time to a 10-step moving mean reward of 0.9, startup, and training episodes/s.
 
-    .venv/bin/python bench/grpo_overhead.py
+    .venv/bin/python bench/grpo_overhead.py [key=value ...]   # config overrides for both loops
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ def distributed(cfg: GRPOConfig) -> dict:
 
 
 def main() -> None:
-    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, OVERRIDES)
+    cfg = load_config(GRPOConfig, DEFAULT_CONFIG, OVERRIDES + sys.argv[1:])  # e.g. run.groups_per_rollout=16
     results = {"one process, no services": single_process(cfg), "Forge services (default)": distributed(cfg)}
     base = results["one process, no services"]["episodes_per_s"]
     print("\n| loop | steps to 0.9 | time to 0.9 (s, after startup) | startup (s) | episodes/s | ratio |")
