@@ -85,7 +85,7 @@ def _find_sshd() -> str | None:
     return found if os.access(found, os.X_OK) else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port free on every loopback address."""
     with socket.socket() as s:
         s.bind(("", 0))
@@ -107,7 +107,7 @@ def loopback_sshd(directory: Path) -> Iterator[LoopbackSSH]:
     for name in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / name)], check=True)
     shutil.copy(directory / "client_key.pub", directory / "authorized_keys")
-    port = _free_port()
+    port = free_port()
     config = directory / "sshd_config"
     config.write_text("\n".join([
         f"Port {port}", *(f"ListenAddress {host}" for host in HOSTS),

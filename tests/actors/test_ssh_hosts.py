@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from forge.controller import init_hosts
 from forge.util.procs import descendants, has_env
 from tests.actors.test_hosts import Where, _healthy, _not_healthy
 from tests.helpers import async_wait_until, procs_with_env, wait_until
-from tests.sshd import HOSTS, loopback_sshd
+from tests.sshd import HOSTS, free_port, loopback_sshd
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,12 +24,6 @@ pytestmark = pytest.mark.timeout(180)
 def sshd(tmp_path_factory):
     with loopback_sshd(tmp_path_factory.mktemp("sshd")) as server:
         yield server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))  # free on every loopback address
-        return s.getsockname()[1]
 
 
 def ssh_hosts(sshd, tag: str, groups: dict) -> dict:
