@@ -201,11 +201,18 @@ class ModelConfig:
     # float32 or bfloat16, for every part: the generator's weights, the reference model's, and
     # the trainer's forward and backward (its master weights and optimizer state stay fp32).
     dtype: str = "float32"
+    # The code that runs it in the trainer, reference and native generator: "auto" (Forge's own
+    # decoder for Llama/Qwen2/Qwen3, which spares each process transformers' import, else
+    # transformers), "forge" or "transformers". Both compute the same logits.
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
+        from forge.models.loading import MODEL_IMPLS
+
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"model.path must be a preset name, a local directory or hf://org/name, got {self.path!r}")
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        check_choice("model.impl", self.impl, MODEL_IMPLS)
 
 
 # The parts of the GRPO app, as ``placement:`` and ``colocate:`` name them.
@@ -277,7 +284,10 @@ class GRPOConfig:
         if engine.dtype not in (EngineConfig.dtype, model.dtype):
             raise ValueError(f"policy.engine.dtype={engine.dtype!r} differs from model.dtype={model.dtype!r}; the "
                              "generator, reference and trainer compute in one dtype: set it once, with model.dtype")
-        self.policy.engine = dataclasses.replace(engine, model=model.path, dtype=model.dtype)
+        if engine.model_impl not in (EngineConfig.model_impl, model.impl):
+            raise ValueError(f"policy.engine.model_impl={engine.model_impl!r} differs from model.impl={model.impl!r}; "
+                             "set it once, with model.impl")
+        self.policy.engine = dataclasses.replace(engine, model=model.path, dtype=model.dtype, model_impl=model.impl)
 
     def _tie_temperatures(self) -> None:
         """One temperature: the sampling one, used by the loss and the reference model; and
@@ -394,5 +404,6 @@ class GRPOConfig:
         from forge.models import PRESETS
 
         if self.model.path in PRESETS:
-            return {"name": "qwen3", "flavor": self.model.path, "dtype": self.model.dtype}
-        return {"name": "hf", "flavor": "custom", "hf_assets_path": self.model.path, "dtype": self.model.dtype}
+            return {"name": "qwen3", "flavor": self.model.path, "dtype": self.model.dtype, "impl": self.model.impl}
+        return {"name": "hf", "flavor": "custom", "hf_assets_path": self.model.path, "dtype": self.model.dtype,
+                "impl": self.model.impl}

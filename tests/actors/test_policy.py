@@ -49,7 +49,7 @@ async def test_policy_service_generates_updates_weights_and_reports_versions():
         assert chat[0].token_ids.tolist() == plain[0].token_ids.tolist()
 
         assert await policy.get_version.fanout() == [0, 0]
-        local = load_model("tiny")
+        local = load_model("tiny", impl="transformers")  # the reference for what the replicas serve
         torch.manual_seed(3)
         new_weights = {k: v + 0.05 * torch.randn_like(v) for k, v in local.state_dict().items()}
         assert await policy.update_weights.fanout(policy_version=1, state_dict=new_weights) == [1, 1]

@@ -18,17 +18,17 @@ def tokenizer():
     return load_tokenizer("tiny")
 
 
-def family_model(family, tmp_path_factory, tokenizer):
+def family_model(family, tmp_path_factory, tokenizer, impl="auto"):
     """A random model of ``family`` saved to and loaded from a local HF directory."""
     if family == "qwen3":
-        return load_model("tiny")
+        return load_model("tiny", impl=impl)
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
     torch.manual_seed(1)
     model = LlamaForCausalLM(LlamaConfig(**common)) if family == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
     directory = tmp_path_factory.mktemp(family)
     model.save_pretrained(directory)
-    return load_model(directory)
+    return load_model(directory, impl=impl)
 
 
 def run(engine, requests):
@@ -41,10 +41,12 @@ def engine_for(model, tokenizer, **config):
     return NativeEngine(model, (tokenizer.eos_token_id,), EngineConfig(**{"max_model_len": 64, **config}))
 
 
+@pytest.mark.parametrize("impl", ["forge", "transformers"])
 @pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2"])
-def test_greedy_equals_transformers_generate_token_for_token(family, tmp_path_factory, tokenizer):
-    model = family_model(family, tmp_path_factory, tokenizer)
-    engine = engine_for(model, tokenizer)
+def test_greedy_equals_transformers_generate_token_for_token(family, impl, tmp_path_factory, tokenizer):
+    """The engine drives either implementation of the model; transformers' generate is the reference."""
+    engine = engine_for(family_model(family, tmp_path_factory, tokenizer, impl), tokenizer)
+    model = family_model(family, tmp_path_factory, tokenizer, "transformers")
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     requests = run(engine, [engine.add_request(i, greedy) for i in ids])

@@ -22,6 +22,13 @@ class ModelSpec:
     flavor: str = "tiny"
     hf_assets_path: str | None = None
     dtype: str = "float32"
+    impl: str = "auto"  # the code that runs it: "auto", "forge" (Forge's decoder) or "transformers"
+
+    def __post_init__(self) -> None:
+        from forge.models.loading import MODEL_IMPLS
+        from forge.util.checks import check_choice
+
+        check_choice("model impl", self.impl, MODEL_IMPLS)
 
     @classmethod
     def parse(cls, values: Mapping[str, Any] | "ModelSpec" | None) -> "ModelSpec":

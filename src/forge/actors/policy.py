@@ -115,10 +115,10 @@ class Policy(ForgeActor):
     @endpoint
     async def setup(self) -> None:
         """Load the model and build the engine (heavy; runs once per replica start)."""
-        from forge.models import load_tokenizer, resolve_model_path
+        from forge.models import load_text_tokenizer, resolve_model_path
 
         path = resolve_model_path(self.engine_config.model)
-        self._tokenizer = load_tokenizer(path)
+        self._tokenizer = load_text_tokenizer(path)  # no transformers import where the tokenizer is plain
         self._engine = build_engine(self.engine_config, path, self._tokenizer)
 
     def _encode(self, prompt: Any) -> list[int]:

@@ -66,7 +66,8 @@ class ReferenceModel(ForgeActor):
         from forge.models import load_model
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(self.model_spec.path(), self.model_spec.dtype, device)  # inference: no fp32 master
+        # inference only: the weights in model.dtype, no fp32 master
+        self.model = load_model(self.model_spec.path(), self.model_spec.dtype, device, self.model_spec.impl)
         self.model.requires_grad_(False)
 
     @endpoint

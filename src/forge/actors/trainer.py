@@ -224,9 +224,9 @@ class RLTrainer(ForgeActor):
         bf16 (FSDP2 mixed precision, or autocast on one process) while the weights, their
         gradients' reduction and the optimizer state stay fp32."""
         from forge.models import load_model, torch_dtype
-        from forge.models.loading import import_transformers
+        from forge.models.loading import import_model_code
 
-        import_transformers()  # before the baseline below
+        import_model_code(self.model_spec.path(), self.model_spec.impl)  # before the baseline below
 
         self.rss_before_model = current_rss()  # for memory/before_model_gb: libraries loaded, no weights yet
         check_choice("RLTrainer model dtype", self.model_spec.dtype, TRAIN_DTYPES)
@@ -238,7 +238,7 @@ class RLTrainer(ForgeActor):
             torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo")
         if device == "cpu":
             return_large_frees_to_the_os()
-        self.model = load_model(self.model_spec.path(), "float32", device)
+        self.model = load_model(self.model_spec.path(), "float32", device, self.model_spec.impl)
         self.model.train()
         self.model.config.use_cache = False
         if self.training.activation_checkpointing:

@@ -2,7 +2,7 @@
 
 ``EngineConfig`` takes the seeds' keys (``model``, ``tensor_parallel_size``,
 ``pipeline_parallel_size``, ``enforce_eager``), vLLM's ``enable_prefix_caching``, plus
-Forge's own (``backend``, ``dtype``, ``max_num_seqs``, ``max_model_len``, ``device``,
+Forge's own (``backend``, ``dtype``, ``model_impl``, ``max_num_seqs``, ``max_model_len``, ``device``,
 ``seed``, ``prefix_cache_tokens``). ``SamplingParams`` takes the
 seeds' ``n``, ``max_tokens``, ``temperature``, ``top_p`` plus ``top_k``, stop tokens,
 ``ignore_eos`` and ``seed``. Unknown keys and bad values raise ``ValueError`` naming them.
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from forge.engine.prefix_cache import BLOCK_SIZE
+from forge.models.loading import MODEL_IMPLS
 from forge.util.checks import check_bool, check_choice, check_int, check_number
 from forge.util.config import build
 
@@ -84,6 +85,7 @@ class EngineConfig:
     enforce_eager: bool = False  # vLLM: no CUDA graphs; the native engine is always eager
     backend: str = "native"  # "native" (PyTorch, CPU or CUDA) or "vllm" (GPU, optional)
     dtype: str = "float32"
+    model_impl: str = "auto"  # native backend: "auto", "forge" (Forge's decoder) or "transformers"
     max_num_seqs: int = 128  # KV-cache slots: sequences decoded at once
     max_model_len: int = 512  # prompt + completion tokens per sequence; sizes the KV cache
     device: str = "auto"  # "auto": cuda when available, else cpu
@@ -102,6 +104,7 @@ class EngineConfig:
         check_int("engine_config seed", self.seed, 0)
         check_choice("engine_config backend", self.backend, BACKENDS)
         check_choice("engine_config dtype", self.dtype, DTYPES)
+        check_choice("engine_config model_impl", self.model_impl, MODEL_IMPLS)
         check_bool("engine_config enforce_eager", self.enforce_eager)
         check_bool("engine_config enable_prefix_caching", self.enable_prefix_caching)
         check_int("engine_config prefix_cache_tokens", self.prefix_cache_tokens, 0)

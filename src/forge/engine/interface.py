@@ -70,7 +70,7 @@ def build_engine(config: EngineConfig, model_path: Path, tokenizer: Any) -> Gene
     from forge.engine.native import AsyncEngine, NativeEngine, pick_device
     from forge.models import load_model
 
-    model = load_model(model_path, config.dtype, pick_device(config))
+    model = load_model(model_path, config.dtype, pick_device(config), config.model_impl)
     eos = {tokenizer.eos_token_id}
     generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos.update(generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos])

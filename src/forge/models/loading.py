@@ -1,4 +1,4 @@
-"""Resolve a model reference to a local directory and load it with ``transformers``.
+"""Resolve a model reference to a local directory and load it (Forge's decoder or ``transformers``).
 
 A reference is one of:
 
@@ -109,18 +109,54 @@ def padding_token_id(reference: str | os.PathLike) -> int:
     return 0
 
 
-def import_transformers() -> None:
-    """Import transformers' model classes now, safely while other threads of the process load too."""
-    with _LOAD_LOCK:
-        from transformers import AutoModelForCausalLM  # noqa: F401
+MODEL_IMPLS = ("auto", "forge", "transformers")
 
 
-def load_model(reference: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> Any:
-    """A causal LM in eval mode on ``device``; weights from local files only."""
+def model_implementation(reference: str | os.PathLike, impl: str = "auto") -> str:
+    """Which code runs the model: ``"forge"`` (``forge.models.decoder``, no transformers
+    import) or ``"transformers"``. ``impl="auto"`` picks Forge's decoder whenever it runs the
+    model exactly (Llama, Qwen2, Qwen3 with default RoPE, safetensors) and transformers
+    otherwise; ``"forge"`` refuses a model it does not cover, naming why."""
+    from forge.util.checks import check_choice
+
+    check_choice("model impl", impl, MODEL_IMPLS)
+    if impl == "transformers":
+        return impl
+    from forge.models.decoder import read_config, unsupported_reason, weight_files
+
+    path = resolve_model_path(reference)
+    problem = unsupported_reason(read_config(path))
+    if problem is None and weight_files(path) is None:
+        problem = "its weights are not safetensors"
+    if problem is None:
+        return "forge"
+    if impl == "forge":
+        raise ValueError(f"model impl 'forge' cannot run {path}: {problem}; set impl to 'auto' or 'transformers'")
+    return "transformers"
+
+
+def import_model_code(reference: str | os.PathLike, impl: str = "auto") -> str:
+    """Import the code that will run the model now (safely while other threads of the
+    process load too); returns ``model_implementation(reference, impl)``."""
+    chosen = model_implementation(reference, impl)
+    if chosen == "transformers":
+        with _LOAD_LOCK:
+            from transformers import AutoModelForCausalLM  # noqa: F401
+    return chosen
+
+
+def load_model(reference: str | os.PathLike, dtype: str = "float32", device: str = "cpu",
+               impl: str = "auto") -> Any:
+    """A causal LM in eval mode on ``device``; weights from local files only.
+
+    ``impl`` as in ``model_implementation``: Forge's decoder and transformers' classes have
+    the same parameter names and compute the same logits, so either serves every caller."""
+    if model_implementation(reference, impl) == "forge":
+        from forge.models.decoder import load_decoder
+
+        return load_decoder(resolve_model_path(reference), torch_dtype(dtype), device)
     with _LOAD_LOCK:
         return _load_model(reference, dtype, device)
-
-
 def _load_model(reference: str | os.PathLike, dtype: str, device: str) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
