@@ -243,6 +243,7 @@ class GRPORun:
         self.step_rewards: list[float] = []  # rewards of the groups made since the last step
         self.added = asyncio.Event()  # set when a rollout task added episodes to the buffer
         self.tokens_generated = 0
+        self.episodes_generated = 0  # every sampled episode, those of dropped groups too
         self.generate_seconds = 0.0
         self.math = MathReward()
         self.samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=SAMPLES_LOGGED)  # for the logs
@@ -298,6 +299,7 @@ class GRPORun:
             completions = [group for group in made if group is not None]
             rewards = [[r.reward for r in group] for group in completions]
         self.tokens_generated += sum(policy_tokens(c) for group in completions for c in group)
+        self.episodes_generated += sum(len(group) for group in completions)
         for sample, group, scores in zip(samples[:1], completions, rewards):  # one conversation per batch
             self.samples.append(conversation_sample(sample, group[0], scores[0]))
         kept = []
@@ -754,6 +756,7 @@ async def _finish(grpo: GRPORun, log: RunLogger, reason: str, started: float, st
                "startup_s": startup_s, "final_mean_reward": grpo.rewards.mean(),
                "best_mean_reward": grpo.rewards.best_mean,
                "final_eval_accuracy": final_accuracy, "episodes_trained": episodes_trained,
+               "episodes_generated": grpo.episodes_generated,
                "final_model": final_model}
     log.close()
     history = log.full_history()  # metrics.jsonl: every step, those before a resume too
