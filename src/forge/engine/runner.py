@@ -1,7 +1,7 @@
 """The native engine's device work: batched prefill and decode over a slot KV cache.
 
-The model is a ``transformers`` causal LM of the Llama family layout (Llama, Qwen2,
-Qwen3: ``model.embed_tokens``, ``model.layers[i].self_attn.{q,k,v,o}_proj`` with
+The model is a causal LM of the Llama family layout (Llama, Qwen2, Qwen3; Forge's
+``forge.models.decoder`` or transformers' classes, which share it: ``model.embed_tokens``, ``model.layers[i].self_attn.{q,k,v,o}_proj`` with
 optional ``q_norm``/``k_norm``, ``mlp``, two RMSNorms, ``model.norm``, ``lm_head``,
 ``model.rotary_emb``). Its modules and weights are used as they are; only attention is
 driven here, against a preallocated cache ``[layers][slots, kv_heads, max_len, head_dim]``.
@@ -22,16 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from forge.engine.prefix_cache import BLOCK_SIZE
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, heads, T, hd]; cos, sin: [B, T, hd]
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+from forge.models.decoder import project_qkv
 
 
 def _decode_attention(
@@ -235,13 +226,7 @@ class ModelRunner:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, width, -1, self.head_dim)
-            k = attn.k_proj(x).view(batch, width, -1, self.head_dim)
-            v = attn.v_proj(x).view(batch, width, -1, self.head_dim)
-            if hasattr(attn, "q_norm"):
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+            q, k, v = project_qkv(attn, x, cos, sin, self.head_dim)
             if kv_len is None:
                 self.k_cache[i][slots, :, :width] = k
                 self.v_cache[i][slots, :, :width] = v

@@ -165,6 +165,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 
+def project_qkv(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, heads, T, hd]`` of ``x [B, T, H]``, RoPE applied (after Qwen3's per-head
+    norms). ``attn`` is this module's ``Attention`` or transformers' (the native engine
+    drives either): the same projections under the same names."""
+    batch, width, _ = x.shape
+    q = attn.q_proj(x).view(batch, width, -1, head_dim)
+    k = attn.k_proj(x).view(batch, width, -1, head_dim)
+    v = attn.v_proj(x).view(batch, width, -1, head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
@@ -182,13 +197,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
         batch, width, _ = x.shape
-        q = self.q_proj(x).view(batch, width, -1, self.head_dim)
-        k = self.k_proj(x).view(batch, width, -1, self.head_dim)
-        v = self.v_proj(x).view(batch, width, -1, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = project_qkv(self, x, cos, sin, self.head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and width > 1,
                                              scale=self.scaling, enable_gqa=k.shape[1] != q.shape[1])
         return self.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
