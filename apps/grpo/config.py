@@ -18,7 +18,7 @@ from forge.actors.trainer import LRSchedulerConfig, OptimizerConfig, TrainingCon
 from forge.controller import HostsConfig
 from forge.engine.config import EngineConfig, SamplingParams
 from forge.losses import LossConfig
-from forge.util.checks import check_choice, check_int, check_positive, check_seconds
+from forge.util.checks import check_bool, check_choice, check_int, check_positive, check_seconds
 
 
 @dataclass
@@ -41,6 +41,11 @@ class RunConfig:
     rollout_tasks: int = 4  # concurrent rollout loops
     groups_per_rollout: int = 4  # prompts a rollout loop takes at a time: one message per part for all
     weight_update: str = "fanout"  # "fanout" or "rolling"
+    # True: step k+1's sampling and train_step run while version k+1's weights travel to the
+    # generators (the next push waits for that sync), so the sync leaves the training loop's
+    # critical path; episodes may then be one version older, and the replay buffer's
+    # max_policy_age still bounds that. False: every step waits for its sync.
+    overlap_weight_sync: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "reward_window", "log_every", "rollout_tasks", "groups_per_rollout",
@@ -54,6 +59,7 @@ class RunConfig:
         if self.target_reward is not None:
             check_positive("run.target_reward", self.target_reward)
         check_choice("run.weight_update", self.weight_update, ("fanout", "rolling"))
+        check_bool("run.overlap_weight_sync", self.overlap_weight_sync)
         check_choice("run.export", self.export, ("final", "checkpoints", "none"))
 
 

@@ -12,12 +12,13 @@ The loop's concurrent tasks and what each waits on:
     ─────────────────────────────────────               ───────────────────────────────────────────
     k = run.groups_per_rollout prompts at a time,       replay_buffer.sample(version) ── None? wait
     one message per part for all k:                       → trainer.train_step.call     (RLTrainer)
-    dataloader.sample_batch(k)   (DatasetActor)           → trainer.push_weights.call   (shared memory)
-      → policy.generate_batch.route (Policy, k x n)       → policy.update_weights.fanout/rolling
-      → reward.evaluate_groups.route                      → log the step; every run.log_every steps
-      → ref_model.forward.route  (one per prompt length)    drain every part's metrics; eval, checkpoint
-      → compute_advantages.compute_batch
-      → replay_buffer.add(all kept episodes)
+    dataloader.sample_batch(k)   (DatasetActor)           → wait for the previous version's sync
+      → policy.generate_batch.route (Policy, k x n)       → trainer.push_weights.call   (shared memory)
+      → reward.evaluate_groups.route                      → policy.update_weights.fanout/rolling in the
+      → ref_model.forward.route  (one per prompt length)    background (run.overlap_weight_sync; awaited
+      → compute_advantages.compute_batch                    before an eval, a checkpoint, the end)
+      → replay_buffer.add(all kept episodes)              → log the step; every run.log_every steps
+                                                            drain every part's metrics; eval, checkpoint
 
     watchdog: every 0.5 s checks that the singleton actors' processes are alive; a dead
     one stops the run with an error naming it (service replicas are rebuilt instead).
@@ -247,6 +248,8 @@ class GRPORun:
         self.generate_seconds = 0.0
         self.math = MathReward()
         self.samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=SAMPLES_LOGGED)  # for the logs
+        self.weight_sync: asyncio.Task | None = None  # the generators loading the latest version (owned here)
+        self.last_sync_s = 0.0
         self.loops: dict[str, asyncio.Task] = {}  # name -> task, for the stall report
         self.progress: dict[str, float] = {}  # loop name -> when it last finished a step or a group
 
@@ -415,7 +418,19 @@ class GRPORun:
         Every step logs what the client knows without a message (its rewards, loss, times);
         every ``log_every`` steps, at checkpoints and at the last step, the metrics of every part are drained
         and logged with it: each drain holds everything recorded since the previous one.
+        The generators hold the last version when it returns (its sync is awaited).
         """
+        try:
+            reason = await self.train_steps(log, deadline)
+            await self.finish_weight_sync()
+            return reason
+        finally:
+            if self.weight_sync is not None:  # the loop failed or was cancelled mid-sync
+                self.weight_sync.cancel()
+                await asyncio.gather(self.weight_sync, return_exceptions=True)
+                self.weight_sync = None
+
+    async def train_steps(self, log: RunLogger, deadline: float) -> str:
         s, cfg = self.s, self.cfg
         reason = None
         while reason is None:
@@ -427,17 +442,16 @@ class GRPORun:
             batch = await self.next_batch()
             inputs, targets = batch
             loss = await s.trainer.train_step.call(inputs, targets)
+            sync_waited = await self.finish_weight_sync()  # the previous version's, before the next push
             self.version += 1
-            sync_started = time.monotonic()
             await s.trainer.push_weights.call(policy_version=self.version)
-            if cfg.run.weight_update == "rolling":
-                await s.policy.update_weights.rolling(policy_version=self.version, source=s.trainer)
-            else:
-                await s.policy.update_weights.fanout(policy_version=self.version, source=s.trainer)
+            self.weight_sync = asyncio.create_task(self.sync_generators(self.version))
+            if not cfg.run.overlap_weight_sync:
+                sync_waited += await self.finish_weight_sync()
             self.step += 1
             self.progress["training loop"] = time.monotonic()
             metrics = {"trainer/loss_reported": float(next(iter(loss.values()))),
-                       "time/weight_sync_s": time.monotonic() - sync_started,
+                       "time/weight_sync_s": self.last_sync_s, "time/weight_sync_wait_s": sync_waited,
                        "time/step_s": time.monotonic() - step_started, "policy/version": self.version}
             if self.step_rewards:  # the groups made since the last step
                 metrics["reward/mean"] = sum(self.step_rewards) / len(self.step_rewards)
@@ -449,6 +463,7 @@ class GRPORun:
                 # also at a checkpoint: a resume from it must not miss what was recorded before
                 metrics = {**await self.collect_metrics(), **metrics}
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0:
+                await self.finish_weight_sync()  # evaluate the weights of this step
                 metrics["eval/accuracy"] = await self.evaluate()
             log.log(self.step, metrics)
             if self.step % cfg.run.log_every == 0 and self.samples:
@@ -457,6 +472,25 @@ class GRPORun:
             if checkpoint:
                 await self.checkpoint()
         return reason
+
+    async def sync_generators(self, version: int) -> None:
+        """Load version ``version`` (already pushed) into every generator replica."""
+        started = time.monotonic()
+        s = self.s
+        if self.cfg.run.weight_update == "rolling":
+            await s.policy.update_weights.rolling(policy_version=version, source=s.trainer)
+        else:
+            await s.policy.update_weights.fanout(policy_version=version, source=s.trainer)
+        self.last_sync_s = time.monotonic() - started
+
+    async def finish_weight_sync(self) -> float:
+        """Wait for the weight sync in flight, if any (its error is raised here); the seconds waited."""
+        sync, self.weight_sync = self.weight_sync, None
+        if sync is None:
+            return 0.0
+        started = time.monotonic()
+        await sync
+        return time.monotonic() - started
 
     async def next_batch(self) -> Any:
         """The replay buffer's next batch for the current version. With too few fresh episodes
@@ -549,6 +583,7 @@ class GRPORun:
                              f"still in flight {timeout_s:.0f} s after a checkpoint stopped new ones") from None
 
     async def checkpoint(self) -> None:
+        await self.finish_weight_sync()  # the generators hold the checkpoint's version
         await self.quiesce()
         try:
             folder = self.run_dir / "checkpoints"

@@ -42,7 +42,7 @@ async def test_a_few_steps_of_the_real_pipeline_write_metrics_curves_and_summary
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
     for key in ("reward/mean", "reward/math", "trainer/loss", "trainer/kl", "trainer/clip_fraction",
-                "trainer/grad_norm", "time/weight_sync_s", "buffer/staleness", "generate/tokens_per_s",
+                "trainer/grad_norm", "time/weight_sync_s", "time/weight_sync_wait_s", "buffer/staleness", "generate/tokens_per_s",
                 "policy/healthy_replicas", "policy/version"):
         assert key in lines[-1], key
     assert lines[-1]["policy/version"] == 4
@@ -278,7 +278,8 @@ async def test_policy_and_trainer_on_different_hosts_sync_weights_across_hosts(t
 async def test_every_part_apart_a_data_parallel_trainer_replicated_policy_train_and_resume(tmp_path):
     # The other layout (no part shares a process), with metrics drained every 3 steps and at checkpoints.
     args = QUICK + [f"run.output_dir={tmp_path}", "trainer.procs=2", "policy.num_replicas=2", "colocate=[]",
-                    "run.weight_update=rolling", "run.checkpoint_every=2", "run.export=checkpoints", "run.log_every=3"]
+                    "run.weight_update=rolling", "run.checkpoint_every=2", "run.export=checkpoints", "run.log_every=3",
+                    "run.overlap_weight_sync=false"]  # every step waits for its sync (the default overlaps it)
     summary = await run(load_config(GRPOConfig, DEFAULT_CONFIG, args + ["run.max_steps=3"]), tmp_path)
     assert summary["steps"] == 3
     processes = json.loads((tmp_path / "processes.json").read_text())
