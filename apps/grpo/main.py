@@ -427,7 +427,9 @@ class GRPORun:
         finally:
             if self.weight_sync is not None:  # the loop failed or was cancelled mid-sync
                 self.weight_sync.cancel()
-                await asyncio.gather(self.weight_sync, return_exceptions=True)
+                (outcome,) = await asyncio.gather(self.weight_sync, return_exceptions=True)
+                if isinstance(outcome, Exception):  # it failed before the loop's own error: say so too
+                    logger.warning("the weight sync of version %d also failed: %r", self.version, outcome)
                 self.weight_sync = None
 
     async def train_steps(self, log: RunLogger, deadline: float) -> str:
@@ -451,6 +453,7 @@ class GRPORun:
             self.step += 1
             self.progress["training loop"] = time.monotonic()
             metrics = {"trainer/loss_reported": float(next(iter(loss.values()))),
+                       # the last finished sync's length, and what this step waited for syncs
                        "time/weight_sync_s": self.last_sync_s, "time/weight_sync_wait_s": sync_waited,
                        "time/step_s": time.monotonic() - step_started, "policy/version": self.version}
             if self.step_rewards:  # the groups made since the last step
@@ -660,6 +663,9 @@ class GRPORun:
             done = "step" if name == "training loop" else "group"
             lines.append(f"  {name} (last {done} {now - self.progress[name]:.1f} s ago):"
                          + ("".join(f"\n      {where}" for where in chain) if chain else " finished"))
+        if self.weight_sync is not None and not self.weight_sync.done():  # the training loop may wait on it
+            lines.append(f"  weight sync of version {self.version} to the generators:"
+                         + "".join(f"\n      {where}" for where in await_chain(self.weight_sync)))
         processes = self.s.processes()
         answers = await asyncio.gather(*(actor_answers(actor, PING_TIMEOUT_S) for actor in processes.values()))
         silent = [f"{name} (pid {', '.join(map(str, actor_pids(processes[name])))})"

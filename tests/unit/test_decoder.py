@@ -95,7 +95,11 @@ def test_configs_beyond_the_decoder_go_to_transformers_and_forge_says_why(tmp_pa
              "RoPE type 'linear'": {"rope_scaling": {"type": "linear", "factor": 2.0}},
              "hidden_act 'gelu'": {"hidden_act": "gelu"},
              "sliding-window": {"use_sliding_window": True},
-             "lacks integer": {"hidden_size": None}}
+             "lacks integer": {"hidden_size": None},
+             "attention_dropout=0.1": {"attention_dropout": 0.1},
+             "quantized": {"quantization_config": {"quant_method": "fp8"}},
+             "per layer type": {"rope_parameters": {"full_attention": {"rope_type": "yarn"}}},
+             "RoPE type 'dynamic'": {"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"type": "dynamic"}}}
     for reason, change in cases.items():
         assert reason in unsupported_reason({**base, **change})
     reference, directory = _hf_model("llama", tmp_path, tie_word_embeddings=False,
@@ -106,6 +110,18 @@ def test_configs_beyond_the_decoder_go_to_transformers_and_forge_says_why(tmp_pa
         load_model(directory, impl="forge")
     with pytest.raises(ValueError, match="model impl"):
         load_model(directory, impl="fast")
+
+
+def test_keys_config_json_leaves_out_take_transformers_defaults(tmp_path):
+    reference, directory = _hf_model("qwen3", tmp_path, tie_word_embeddings=True, head_dim=128, eos_token_id=2)
+    config = json.loads((directory / "config.json").read_text())
+    del config["head_dim"]  # Qwen3's default is 128, not hidden_size // heads (8 here)
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").unlink()  # then the end-of-sequence id is config.json's
+    ours = load_model(directory, impl="forge")
+    ids = torch.randint(1, 50, (2, 6))
+    torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert ours.generation_config.eos_token_id == config["eos_token_id"] is not None
 
 
 def test_a_process_that_loads_the_tiny_model_and_its_tokenizer_never_imports_transformers(tmp_path):
@@ -157,8 +173,23 @@ def test_the_light_tokenizer_matches_transformers_on_ids_text_and_special_tokens
         assert light.apply_chat_template(messages, tokenize=False) == full.apply_chat_template(messages, tokenize=False)
 
 
-def test_a_model_specific_tokenizer_class_is_left_to_transformers(tmp_path):
+def test_tokenizers_transformers_would_rebuild_are_left_to_transformers(tmp_path):
     directory = _bpe_tokenizer_directory(tmp_path)
     config = json.loads((directory / "tokenizer_config.json").read_text())
-    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
-    assert not isinstance(load_text_tokenizer(directory), TextTokenizer)
+    assert isinstance(load_text_tokenizer(directory), TextTokenizer)
+    for change, model_type in [({"tokenizer_class": "GPT2Tokenizer"}, None),  # a model-specific class
+                               ({"add_bos_token": True}, None),  # a setting that rebuilds the pipeline
+                               ({}, "qwen2")]:  # a model type whose declared class transformers overrides
+        (directory / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
+        (directory / "config.json").write_text(json.dumps({"model_type": model_type} if model_type else {}))
+        assert not isinstance(load_text_tokenizer(directory), TextTokenizer), (change, model_type)
+
+
+def test_special_tokens_named_only_in_special_tokens_map_are_found(tmp_path):
+    directory = _bpe_tokenizer_directory(tmp_path)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {k: v for k, v in config.items() if not k.endswith("_token") and k != "added_tokens_decoder"}))
+    (directory / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    light = load_text_tokenizer(directory)
+    assert (light.eos_token_id, light.pad_token_id) == (2, 3)

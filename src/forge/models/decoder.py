@@ -62,6 +62,10 @@ class DecoderConfig:
         model_type = raw["model_type"]
         heads = raw["num_attention_heads"]
         attention_bias = bool(raw.get("attention_bias", False))
+        # transformers' defaults where config.json leaves a key out: Qwen's dataclass fields
+        # (32 KV heads, Qwen3's head_dim 128), Llama's derived ones; an explicit null derives.
+        kv_heads = raw.get("num_key_value_heads", None if model_type == "llama" else 32) or heads
+        head_dim = raw.get("head_dim", 128 if model_type == "qwen3" else None) or raw["hidden_size"] // heads
         return cls(
             model_type=model_type,
             vocab_size=raw["vocab_size"],
@@ -69,8 +73,8 @@ class DecoderConfig:
             intermediate_size=raw["intermediate_size"],
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(_rope(raw).get("rope_theta", raw.get("rope_theta", 10000.0))),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
@@ -88,8 +92,9 @@ class DecoderConfig:
 
 
 def _rope(raw: dict[str, Any]) -> dict[str, Any]:
-    """RoPE settings: transformers 5 writes ``rope_parameters``, older files ``rope_scaling``."""
-    return raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    """RoPE settings: transformers 5 writes ``rope_parameters``, older files ``rope_scaling``;
+    like transformers, a ``rope_scaling`` wins."""
+    return raw.get("rope_scaling") or raw.get("rope_parameters") or {}
 
 
 def unsupported_reason(raw: dict[str, Any]) -> str | None:
@@ -97,9 +102,16 @@ def unsupported_reason(raw: dict[str, Any]) -> str | None:
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
         return f"model_type {model_type!r} is not one of {list(MODEL_TYPES)}"
-    rope_type = _rope(raw).get("rope_type", _rope(raw).get("type", "default"))
+    rope = _rope(raw)
+    if any(isinstance(value, dict) for value in rope.values()):
+        return "RoPE parameters per layer type"
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         return f"RoPE type {rope_type!r} (only the default, unscaled RoPE is implemented)"
+    if raw.get("attention_dropout") not in (None, 0, 0.0):
+        return f"attention_dropout={raw['attention_dropout']} (the decoder applies no dropout)"
+    if raw.get("quantization_config"):
+        return "a quantized checkpoint (quantization_config)"
     if raw.get("hidden_act", "silu") != "silu":
         return f"hidden_act {raw['hidden_act']!r} (only silu is implemented)"
     if raw.get("use_sliding_window") or any(t != "full_attention" for t in raw.get("layer_types") or ()):
@@ -198,8 +210,15 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         batch, width, _ = x.shape
         q, k, v = project_qkv(self, x, cos, sin, self.head_dim)
+        grouped = k.shape[1] != q.shape[1]
+        if grouped and mask is not None and q.device.type != "cpu":
+            # SDPA's CUDA kernels take grouped heads only without a mask (else the math
+            # kernel, [T, T] per head): repeat K/V to the query heads instead, as transformers does
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            grouped = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and width > 1,
-                                             scale=self.scaling, enable_gqa=k.shape[1] != q.shape[1])
+                                             scale=self.scaling, enable_gqa=grouped)
         return self.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
 
 
@@ -331,19 +350,23 @@ def load_decoder(directory: Path, dtype: torch.dtype, device: str | torch.device
     """The model in ``directory`` (config.json + safetensors), in eval mode on ``device``.
 
     Built without a random init (``Linear``, an empty embedding) and given the file's
-    tensors (cast to ``dtype``) as its parameters: no init work and no second copy of the
-    weights. (No meta device: its first use imports torch's decompositions, 2 s of CPU.)
+    tensors (each cast to ``dtype`` as it is read) as its parameters: no init work and no
+    second copy of the weights. (No meta device: its first use imports torch's decompositions, 2 s of CPU.)
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     directory = Path(directory)
-    config = DecoderConfig.from_dict(read_config(directory))
+    raw = read_config(directory)
+    config = DecoderConfig.from_dict(raw)
     files = weight_files(directory)
     if files is None:
         raise ValueError(f"{directory} has no model.safetensors (or index); Forge's decoder reads safetensors only")
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file), device=str(device)))
+    for file in files:  # tensor by tensor, each cast as it arrives: no whole second copy in another dtype
+        with safe_open(str(file), framework="pt", device=str(device)) as weights:
+            for name in weights.keys():
+                if not name.endswith("rotary_emb.inv_freq"):  # written by old transformers; recomputed here
+                    state[name] = weights.get_tensor(name).to(dtype)
     model = DecoderForCausalLM(config)  # uninitialised memory, replaced below
     expected = set(model.state_dict())
     if config.tie_word_embeddings:
@@ -353,10 +376,10 @@ def load_decoder(directory: Path, dtype: torch.dtype, device: str | torch.device
     if missing or unexpected:
         raise ValueError(f"weights in {directory} do not fit its config.json: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.model.rotary_emb.to(device)
-    generation = directory / "generation_config.json"
-    if generation.exists():
-        model.generation_config.eos_token_id = json.loads(generation.read_text()).get("eos_token_id")
+    generation = directory / "generation_config.json"  # else, like transformers, config.json's
+    source = json.loads(generation.read_text()) if generation.exists() else raw
+    model.generation_config.eos_token_id = source.get("eos_token_id")
     return model.eval()

@@ -157,6 +157,8 @@ def load_model(reference: str | os.PathLike, dtype: str = "float32", device: str
         return load_decoder(resolve_model_path(reference), torch_dtype(dtype), device)
     with _LOAD_LOCK:
         return _load_model(reference, dtype, device)
+
+
 def _load_model(reference: str | os.PathLike, dtype: str, device: str) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

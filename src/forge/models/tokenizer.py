@@ -4,8 +4,9 @@
 generator replica that runs Forge's decoder would import transformers for its tokenizer
 alone. When a model directory's tokenizer is exactly its ``tokenizer.json`` (the
 generic ``PreTrainedTokenizerFast`` / ``TokenizersBackend`` classes, which add no Python
-behaviour of their own), ``TextTokenizer`` runs that file with ``tokenizers`` and gives
-the same ids and text as transformers. Any other tokenizer class (a model-specific one
+behaviour of their own, for a model type transformers does not override, with no
+tokenizer_config.json setting that rebuilds the pipeline), ``TextTokenizer`` runs that
+file with ``tokenizers`` and gives the same ids and text as transformers. Any other tokenizer class (a model-specific one
 may rewrite the pipeline in Python) is loaded with transformers, so ``load_text_tokenizer``
 never changes what a model sees. Chat templates are rendered by transformers, imported
 the first time one is applied.
@@ -19,6 +20,17 @@ from pathlib import Path
 from typing import Any
 
 PLAIN_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+# Model types whose declared tokenizer class transformers (5.23, MODELS_WITH_INCORRECT_HUB_
+# TOKENIZER_CLASS) overrides with its own class for the type: a generic class declared in
+# tokenizer_config.json does not mean the generic pipeline for these.
+OVERRIDDEN_MODEL_TYPES = frozenset({
+    "arctic", "chatlm", "ernie4_5", "ernie4_5_moe", "fuyu", "h2ovl_chat", "hyperclovax", "hyperclovax_vlm",
+    "hyperclovax_vision_v2", "internlm2", "internlm3", "iquestcoder", "jamba", "llava", "llava_next", "minicpm3",
+    "minicpmv", "minimax_m2", "modernbert", "modernbert-decoder", "molmo", "molmo2", "nemotron", "nvfp4",
+    "opencua", "openvla", "paddleocr_vl", "phi3", "phi3_v", "phimoe", "qwen2", "qwen3_5", "qwen3_5_moe",
+    "qwen3_5_moe_text", "qwen4_exp", "step3_vl", "vipllava", "cohere_asr", "camembertv2-base", "siglip2", "smolvlm"})
+# tokenizer_config.json keys with which transformers changes the pipeline tokenizer.json describes.
+PIPELINE_KEYS = ("add_bos_token", "add_eos_token", "split_special_tokens", "add_prefix_space", "legacy")
 
 
 def _token_text(value: Any) -> str | None:
@@ -36,10 +48,14 @@ class TextTokenizer:
 
         self.directory = Path(directory)
         self._tokenizer = Tokenizer.from_file(str(self.directory / "tokenizer.json"))
+        self._tokenizer.no_truncation()  # transformers encodes without either unless asked
+        self._tokenizer.no_padding()
         config = json.loads((self.directory / "tokenizer_config.json").read_text())
+        special_map = self.directory / "special_tokens_map.json"  # older directories name them here
+        specials = json.loads(special_map.read_text()) if special_map.exists() else {}
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         for role in ("bos", "eos", "pad", "unk"):
-            token = _token_text(config.get(f"{role}_token"))
+            token = _token_text(config.get(f"{role}_token")) or _token_text(specials.get(f"{role}_token"))
             setattr(self, f"{role}_token", token)
             setattr(self, f"{role}_token_id", None if token is None else self._tokenizer.token_to_id(token))
         self._chat_tokenizer: Any = None
@@ -72,11 +88,16 @@ class TextTokenizer:
 
 
 def is_plain(directory: Path) -> bool:
-    """Whether the directory's tokenizer is its tokenizer.json and nothing more."""
-    config_file = directory / "tokenizer_config.json"
+    """Whether transformers would run the directory's tokenizer.json and nothing more: a
+    generic class declared, honoured for the model type, and no setting that changes the
+    pipeline at load time."""
+    config_file, model_file = directory / "tokenizer_config.json", directory / "config.json"
     if not (directory / "tokenizer.json").exists() or not config_file.exists():
         return False
-    return json.loads(config_file.read_text()).get("tokenizer_class") in PLAIN_CLASSES
+    config = json.loads(config_file.read_text())
+    model_type = json.loads(model_file.read_text()).get("model_type") if model_file.exists() else None
+    return (config.get("tokenizer_class") in PLAIN_CLASSES and model_type not in OVERRIDDEN_MODEL_TYPES
+            and not any(key in config for key in PIPELINE_KEYS) and "auto_map" not in config)
 
 
 def load_text_tokenizer(reference: str | os.PathLike) -> Any:
