@@ -276,9 +276,9 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> SimpleNamespace:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -310,10 +310,13 @@ class DecoderForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> SimpleNamespace:
-        hidden = self.model(input_ids, attention_mask, inputs_embeds, position_ids).last_hidden_state
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> SimpleNamespace:
+        """``.logits [B, T, V]``; the arguments after the first two by keyword, as transformers'
+        other positional arguments (the KV cache) mean nothing here."""
+        hidden = self.model(input_ids, attention_mask, position_ids=position_ids,
+                            inputs_embeds=inputs_embeds).last_hidden_state
         return SimpleNamespace(logits=self.lm_head(hidden))
 
     def get_decoder(self) -> DecoderModel:
