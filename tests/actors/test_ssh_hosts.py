@@ -44,33 +44,37 @@ def worker_on(tag: str, host: str) -> int:
 async def test_a_service_on_two_ssh_hosts_survives_one_hosts_death_and_leaves_nothing_running(sshd, tag):
     pool = await init_hosts(ssh_hosts(sshd, tag, {"gen": list(HOSTS)}))
     try:
-        assert [(h.key, h.address) for h in pool.hosts] == [("gen-0", "127.0.0.1"), ("gen-1", "127.0.0.2")]
-        service = await Where.options(num_replicas=2, hosts=1, host_group="gen").as_service()
-        answers = await service.where.fanout()
-        assert sorted(a["FORGE_HOST"] for a in answers) == ["gen-0", "gen-1"]
-        workers = {host: worker_on(tag, host) for host in HOSTS}
-        assert set(workers.values()) <= set(descendants(sshd.pid))  # started through the ssh server
-        host_of = {"gen-0": HOSTS[0], "gen-1": HOSTS[1]}
-        assert all(a["pid"] in descendants(workers[host_of[a["FORGE_HOST"]]]) for a in answers)
-
-        on_gen_1 = next(i for i, r in enumerate((await service.statistics()).replicas) if r.hosts == ("gen-1",))
-
-        async def replica():
-            return (await service.statistics()).replicas[on_gen_1]
-
-        os.kill(workers["127.0.0.2"], signal.SIGKILL)  # the host: its worker, and with it its processes
-        assert await async_wait_until(lambda: _not_healthy(replica), 15, 0.1)
-        assert await async_wait_until(lambda: _healthy(replica), 30, 0.1)
-        rebuilt = await replica()
-        assert rebuilt.hosts == ("gen-0",) and rebuilt.num_restarts == 1
-        assert [a["FORGE_HOST"] for a in await service.where.fanout()] == ["gen-0", "gen-0"]
-        assert [s.alive for s in await pool.statuses()] == [True, False]
-        await service.shutdown()
+        await a_service_survives_one_hosts_death(pool, sshd, tag)  # its handles dropped before the pool stops
     finally:
         await pool.shutdown()
     # The live host's worker stopped when its ssh connection closed; the logins are gone with them.
     assert wait_until(lambda: not procs_with_env("FORGE_TEST_TAG", tag), 15, 0.2), procs_with_env("FORGE_TEST_TAG", tag)
     assert wait_until(lambda: not descendants(sshd.pid), 15, 0.2), descendants(sshd.pid)
+
+
+async def a_service_survives_one_hosts_death(pool, sshd, tag):
+    assert [(h.key, h.address) for h in pool.hosts] == [("gen-0", "127.0.0.1"), ("gen-1", "127.0.0.2")]
+    service = await Where.options(num_replicas=2, hosts=1, host_group="gen").as_service()
+    answers = await service.where.fanout()
+    assert sorted(a["FORGE_HOST"] for a in answers) == ["gen-0", "gen-1"]
+    workers = {host: worker_on(tag, host) for host in HOSTS}
+    assert set(workers.values()) <= set(descendants(sshd.pid))  # started through the ssh server
+    host_of = {"gen-0": HOSTS[0], "gen-1": HOSTS[1]}
+    assert all(a["pid"] in descendants(workers[host_of[a["FORGE_HOST"]]]) for a in answers)
+
+    on_gen_1 = next(i for i, r in enumerate((await service.statistics()).replicas) if r.hosts == ("gen-1",))
+
+    async def replica():
+        return (await service.statistics()).replicas[on_gen_1]
+
+    os.kill(workers["127.0.0.2"], signal.SIGKILL)  # the host: its worker, and with it its processes
+    assert await async_wait_until(lambda: _not_healthy(replica), 15, 0.1)
+    assert await async_wait_until(lambda: _healthy(replica), 30, 0.1)
+    rebuilt = await replica()
+    assert rebuilt.hosts == ("gen-0",) and rebuilt.num_restarts == 1
+    assert [a["FORGE_HOST"] for a in await service.where.fanout()] == ["gen-0", "gen-0"]
+    assert [s.alive for s in await pool.statuses()] == [True, False]
+    await service.shutdown()
 
 
 async def test_a_short_grpo_run_with_the_generator_and_the_trainer_on_two_ssh_hosts(sshd, tag, tmp_path):
