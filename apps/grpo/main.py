@@ -731,10 +731,6 @@ async def run(cfg: GRPOConfig, run_dir: Path, resume: bool = False) -> dict[str,
         try:
             await stop_services(services)
         finally:
-            # Drop this run's handles before the pool stops its hosts' processes: the pool
-            # collects garbage first, and a mesh reference dropped after it would send its
-            # last message to a stopped process, whose bounce Monarch's client dies of.
-            services = grpo = tasks = None
             if pool is not None:
                 await pool.shutdown()
 

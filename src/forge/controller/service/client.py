@@ -336,10 +336,6 @@ class ServiceClient:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         await self._background.close()
-        # Let go of the replicas' actor references now: dropped later (when the last copy of
-        # the handle goes), each would message its process's owner, which a host pool may
-        # have stopped by then, and Monarch's client dies of the bounce.
-        self._slots, self._retired, self._healthy_loads = {}, {}, []
         self._notify()
 
     # ---- choosing a replica ----------------------------------------------------
