@@ -26,7 +26,7 @@ The loop's concurrent tasks and what each waits on:
 Placement: the generator (a service of replicas) has its own processes; by default
 (``colocate:``) the light parts (dataloader, replay buffer, advantages, reward) share one
 process and a one-process trainer hosts the reference model, which on a small machine
-saves a process per part and its startup (torch and transformers imported once);
+saves a process per part and its startup (torch imported once per process);
 ``colocate=[]`` gives each part its own, as a large run wants.
 
 Staleness is bounded by ``replay_buffer.max_policy_age``: an episode from version p is
