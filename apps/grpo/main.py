@@ -175,7 +175,7 @@ async def start_services(cfg: GRPOConfig, store: str) -> Services:
         ReplayBuffer.options(procs=1, **on("replay_buffer")).as_actor(
             batch_size=cfg.replay_buffer.batch_size, max_policy_age=cfg.replay_buffer.max_policy_age,
             dp_size=cfg.trainer.num_ranks, max_buffer_size=cfg.replay_buffer.max_buffer_size,
-            max_resample=cfg.replay_buffer.max_resample, seed=cfg.run.seed),
+            max_resample=cfg.replay_buffer.max_resample, seed=cfg.run.seed, sampling=cfg.replay_buffer.sampling),
         ComputeAdvantages.options(procs=1, **on("compute_advantages")).as_actor(scale_by_std=cfg.scale_advantages_by_std),
         (ref.as_actor(**ref_args) if "ref_model" in group_of else ref.as_service(**ref_args))
         if cfg.uses_reference else _nothing(),
@@ -316,12 +316,15 @@ class GRPORun:
                 kept.append((sample, group, scores))  # else advantage 0 everywhere: only a diluted batch
         if not kept:
             return []
-        ref_logprobs = await self.reference_logprobs([group for _, group, _ in kept])
-        groups = [self.new_group(*part, ref) for part, ref in zip(kept, ref_logprobs)]
-        advantages = await s.compute_advantages.compute_batch.call_one(groups)
-        for group, values in zip(groups, advantages):
-            for episode, advantage in zip(group.episodes, values):
+        groups = [self.new_group(*part) for part in kept]
+        # the advantages need the rewards only: they are worked out while the reference model scores
+        advantages, ref_logprobs = await asyncio.gather(s.compute_advantages.compute_batch.call_one(groups),
+                                                        self.reference_logprobs([group for _, group, _ in kept]))
+        for group, values, ref in zip(groups, advantages, ref_logprobs):
+            ref_rows = None if ref is None else ref.tolist()  # [G][width], right-padded
+            for i, (episode, advantage) in enumerate(zip(group.episodes, values)):
                 episode.advantage = float(advantage)
+                episode.ref_logprobs = None if ref_rows is None else ref_rows[i][: len(episode.response_tokens)]
         record_metric("rollout/groups_kept", len(groups), "sum")
         return groups
 
@@ -375,11 +378,11 @@ class GRPORun:
             by_length.setdefault(len(group[0].prompt_ids), []).append(i)
 
         async def score(indices: list[int]) -> list[torch.Tensor]:
-            width = max(len(c.token_ids) for i in indices for c in groups[i])
-            rows = [torch.cat([c.prompt_ids, torch.nn.functional.pad(c.token_ids, (0, width - len(c.token_ids)),
-                                                                    value=self.pad_id)])
-                    for i in indices for c in groups[i]]
-            logprobs = await self.s.ref_model.forward.route(torch.stack(rows), max_req_tokens=len(groups[indices[0]][0].prompt_ids),
+            rows = [c for i in indices for c in groups[i]]
+            responses = torch.nn.utils.rnn.pad_sequence([c.token_ids for c in rows], batch_first=True,
+                                                        padding_value=self.pad_id)
+            tokens = torch.cat([torch.stack([c.prompt_ids for c in rows]), responses], dim=1)
+            logprobs = await self.s.ref_model.forward.route(tokens, max_req_tokens=len(rows[0].prompt_ids),
                                                             return_logprobs=True)
             return list(logprobs.split([len(groups[i]) for i in indices]))
 
@@ -391,20 +394,20 @@ class GRPORun:
                 result[i] = part
         return result
 
-    def new_group(self, sample: dict[str, Any], completions: list[Any], rewards: list[float],
-                  ref_logprobs: torch.Tensor | None) -> Group:
+    def new_group(self, sample: dict[str, Any], completions: list[Any], rewards: list[float]) -> Group:
+        """The group's episodes, rewarded; their advantages and reference logprobs come after."""
         prompt_ids = completions[0].prompt_ids
         width = max(len(c.token_ids) for c in completions)
         group = Group.new_group(f"{sample['epoch']}-{sample['index']}", len(completions), sample["request"],
                                 min(c.generator_version for c in completions), self.pad_id, len(prompt_ids),
                                 width, sample["target"])
-        for i, (episode, completion, reward) in enumerate(zip(group.episodes, completions, rewards)):
+        request_tokens = prompt_ids.tolist()
+        for episode, completion, reward in zip(group.episodes, completions, rewards):
             episode.policy_version = completion.generator_version
             episode.response = completion.text
-            episode.request_tokens = prompt_ids.tolist()
+            episode.request_tokens = list(request_tokens)
             episode.response_tokens = completion.token_ids.tolist()
             episode.response_logprobs = completion.logprobs.tolist()
-            episode.ref_logprobs = None if ref_logprobs is None else ref_logprobs[i, : len(completion.token_ids)].tolist()
             mask = getattr(completion, "loss_mask", None)  # a multi-turn rollout: its environment tokens are 0
             episode.response_mask = None if mask is None else mask.tolist()
             episode.reward = float(reward)

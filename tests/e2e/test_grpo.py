@@ -62,9 +62,10 @@ async def one_prompt_group(grpo: GRPORun, sample: dict) -> Group:
     rows = torch.stack([torch.cat([c.prompt_ids, torch.nn.functional.pad(c.token_ids, (0, width - len(c.token_ids)))])
                         for c in completions])
     ref = await s.ref_model.forward.route(rows, max_req_tokens=len(completions[0].prompt_ids), return_logprobs=True)
-    group = grpo.new_group(sample, completions, rewards, ref)
-    for episode, advantage in zip(group.episodes, await s.compute_advantages.compute.call_one(group)):
+    group = grpo.new_group(sample, completions, rewards)
+    for i, (episode, advantage) in enumerate(zip(group.episodes, await s.compute_advantages.compute.call_one(group))):
         episode.advantage = advantage
+        episode.ref_logprobs = ref[i, :len(episode.response_tokens)].tolist()
     return group
 
 

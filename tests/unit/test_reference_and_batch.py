@@ -1,5 +1,6 @@
 """Chunked reference logprobs and batch collation, in-process."""
 
+import pytest
 import torch
 
 from forge.data.batch import collate
@@ -29,3 +30,15 @@ def test_collate_aligns_logprobs_and_mask_with_response_tokens():
     # the loss's logprobs use the same alignment: position t scores tokens[t]
     logits = torch.randn(2, 5, 8)
     assert sequence_logprobs(logits, inputs.tokens).shape == inputs.tokens.shape
+
+
+def test_collate_takes_tensors_and_names_a_row_whose_logprobs_do_not_fit_its_response():
+    as_lists = collate([[1, 2]], [[4, 5]], [[-.1, -.2]], [None], [1.0], pad_id=0, loss_masks=[[1, 0]])
+    as_tensors = collate([torch.tensor([1, 2])], [torch.tensor([4, 5])], [torch.tensor([-.1, -.2])], [None], [1.0],
+                         pad_id=0, loss_masks=[torch.tensor([1, 0])])
+    for a, b in zip(as_lists[0].__dict__.values(), as_tensors[0].__dict__.values()):
+        assert torch.equal(a, b)
+    assert torch.equal(as_lists[1].response_mask, as_tensors[1].response_mask)
+    assert as_lists[1].response_mask.tolist() == [[0, 0, 1, 0]] and as_lists[1].has_reference.tolist() == [False]
+    with pytest.raises(ValueError, match="row 1 has 1 response tokens but 2 behaviour logprobs"):
+        collate([[1], [2]], [[3], [4]], [[-.1], [-.2, -.3]], [None, None], [0.0, 0.0], pad_id=0)

@@ -15,6 +15,7 @@ comes from the weights its ``generator_version`` names.
 from __future__ import annotations
 
 import asyncio
+import copyreg
 import importlib.util
 import time
 from dataclasses import dataclass, field
@@ -48,11 +49,83 @@ class Completion:
     def __reduce__(self) -> Any:
         # Small 1-D tensors travel as raw bytes: Monarch pickles tensors with torch.save,
         # which costs ~0.4 ms each and would dominate a batch of short completions.
+        if type(self) is not Completion:  # a subclass, maybe with more fields: pickled whole
+            return (copyreg.__newobj__, (type(self),), self.__dict__)
         return (
             _rebuild_completion,
             (self.prompt, self.text, _pack(self.prompt_ids), _pack(self.token_ids), _pack(self.logprobs),
              self.stop_reason, self.generator_version, self.metadata),
         )
+
+
+class CompletionList(list):
+    """The ``list[Completion]`` that ``generate`` returns, or the ``list[list[Completion]]``
+    of ``generate_batch``: a plain list that travels column by column.
+
+    Pickled item by item, a completion costs three small tensors, a dict and a dataclass
+    on each side; a batch of a few hundred short completions then cost the generator more
+    time to send than to decode. Here all token ids, all logprobs and all distinct prompts
+    travel as three byte strings, and the receiver rebuilds each completion's tensors as
+    views into them. Items of any other type (e.g. a subclass of ``Completion``) travel as
+    a plain list does.
+    """
+
+    def __reduce__(self) -> Any:
+        nested = bool(self) and all(type(x) in (list, CompletionList) for x in self)
+        groups = list(self) if nested else [self]
+        if not all(type(c) is Completion for group in groups for c in group):
+            return (list, (list(self),))
+        flat = [c for group in groups for c in group]
+        prompt_index: dict[int, int] = {}
+        prompts_ids = []
+        for c in flat:  # the completions of one prompt share its prompt_ids tensor: sent once
+            if id(c.prompt_ids) not in prompt_index:
+                prompt_index[id(c.prompt_ids)] = len(prompts_ids)
+                prompts_ids.append(c.prompt_ids)
+        columns = (
+            [len(group) for group in groups] if nested else None,
+            [c.prompt for c in flat], [c.text for c in flat], [c.stop_reason for c in flat],
+            [c.generator_version for c in flat], [c.metadata for c in flat],
+            [prompt_index[id(c.prompt_ids)] for c in flat], _pack_many(prompts_ids),
+            _pack_many([c.token_ids for c in flat]), _pack_many([c.logprobs for c in flat]),
+        )
+        return (_rebuild_completion_list, columns)
+
+
+def _rebuild_completion_list(sizes, prompts, texts, stop_reasons, versions, metadata, prompt_of, prompts_ids,
+                             token_ids, logprobs) -> CompletionList:
+    prompts_ids, token_ids, logprobs = _unpack_many(prompts_ids), _unpack_many(token_ids), _unpack_many(logprobs)
+    flat = [Completion(prompt, text, prompts_ids[p], tokens, lp, stop, version, meta)
+            for prompt, text, p, tokens, lp, stop, version, meta
+            in zip(prompts, texts, prompt_of, token_ids, logprobs, stop_reasons, versions, metadata)]
+    if sizes is None:
+        return CompletionList(flat)
+    groups, start = CompletionList(), 0
+    for size in sizes:
+        groups.append(CompletionList(flat[start:start + size]))
+        start += size
+    return groups
+
+
+def _pack_many(tensors: list[torch.Tensor]) -> tuple[str, list[int], bytes] | list[tuple[str, bytes]]:
+    """1-D tensors of one dtype as (dtype, lengths, one byte string); mixed dtypes one by one."""
+    import torch
+
+    if not tensors or len({t.dtype for t in tensors}) > 1:
+        return [_pack(t) for t in tensors]
+    dtype = str(tensors[0].dtype).removeprefix("torch.")
+    try:  # the usual case: 1-D tensors on the CPU
+        joined = torch.cat(tensors).detach().cpu()
+    except RuntimeError:  # 0-d, or on several devices
+        joined = torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
+    return dtype, [t.numel() for t in tensors], joined.numpy().tobytes()
+
+
+def _unpack_many(packed: tuple[str, list[int], bytes] | list[tuple[str, bytes]]) -> list[torch.Tensor]:
+    if isinstance(packed, list):
+        return [_unpack(p) for p in packed]
+    dtype, lengths, data = packed
+    return list(_unpack((dtype, data)).split(lengths))
 
 
 def _pack(tensor: torch.Tensor) -> tuple[str, bytes]:
@@ -157,7 +230,7 @@ class Policy(ForgeActor):
             raise ValueError(f"Policy.generate_batch: {len(overrides)} sampling configs for {len(prompts)} prompts; "
                              "give one per prompt, or one dict for all")
         params = [self.sampling.merged(o) for o in overrides]  # bad values raise before anything is decoded
-        return list(await asyncio.gather(*(self._generate(p, q) for p, q in zip(prompts, params))))
+        return CompletionList(await asyncio.gather(*(self._generate(p, q) for p, q in zip(prompts, params))))
 
     async def _generate(self, prompt: Any, params: SamplingParams) -> list[Completion]:
         import torch
@@ -166,21 +239,21 @@ class Policy(ForgeActor):
         failpoint("Policy.generate")
         started = time.monotonic()
         request = await self._engine.generate(prompt_ids, params)
+        sequences = request.sequences
+        lengths = [len(seq.token_ids) for seq in sequences]
+        # one tensor per field for the whole group, each completion's a view of it
+        token_ids = torch.tensor([t for seq in sequences for t in seq.token_ids], dtype=torch.long).split(lengths)
+        logprobs = torch.tensor([x for seq in sequences for x in seq.logprobs], dtype=torch.float32).split(lengths)
         prompt_tensor = torch.tensor(prompt_ids, dtype=torch.long)
-        return [
-            Completion(
-                prompt=prompt,
-                text=self._tokenizer.decode(s.token_ids, skip_special_tokens=True),
-                prompt_ids=prompt_tensor,
-                token_ids=torch.tensor(s.token_ids, dtype=torch.long),
-                logprobs=torch.tensor(s.logprobs, dtype=torch.float32),
-                stop_reason=s.finish_reason,
-                generator_version=request.version,
-                metadata={"index": s.index, "latency_s": time.monotonic() - started,
-                          "num_prompt_tokens": len(prompt_ids), "num_tokens": len(s.token_ids)},
-            )
-            for s in request.sequences
-        ]
+        latency = time.monotonic() - started
+        decode = self._tokenizer.decode
+        return CompletionList(
+            Completion(prompt, decode(seq.token_ids, skip_special_tokens=True), prompt_tensor, tokens, lp,
+                       seq.finish_reason, request.version,
+                       {"index": seq.index, "latency_s": latency, "num_prompt_tokens": len(prompt_ids),
+                        "num_tokens": length})
+            for seq, tokens, lp, length in zip(sequences, token_ids, logprobs, lengths)
+        )
 
     @replay_on_rebuild  # a rebuilt replica loads the current version before it serves
     @endpoint

@@ -17,6 +17,7 @@ rows only with ``beta = 0``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,25 +72,43 @@ def collate(
 ) -> tuple[TrainInputs, TrainTargets]:
     """Pad episodes into one batch (see the module docstring for the layout)."""
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    batch = len(prompts)
-    tokens = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width)
-    behaviour = torch.zeros(batch, width)
-    ref = torch.zeros(batch, width)
-    has_behaviour = torch.tensor([len(b) > 0 for b in behaviour_logprobs], dtype=torch.bool)
-    has_reference = torch.tensor([r is not None for r in ref_logprobs], dtype=torch.bool)
+    has_behaviour = [len(b) > 0 for b in behaviour_logprobs]
+    has_reference = [r is not None for r in ref_logprobs]
+    # Rows are built as Python lists and become tensors once: a few slice assignments per row
+    # cost more than the whole batch's lists (this runs in the replay buffer for every step).
+    token_rows, attention_rows, mask_rows, behaviour_rows, ref_rows = [], [], [], [], []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        prompt, response = _values(prompt), _values(response)
         start, end = len(prompt), len(prompt) + len(response)
-        tokens[i, :end] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
-        attention[i, :end] = 1
+        before, after = [0.0] * start, [0.0] * (width - end)
+        token_rows.append(prompt + response + [pad_id] * (width - end))
+        attention_rows.append([1] * end + [0] * (width - end))
         given = loss_masks[i] if loss_masks is not None else None
-        mask[i, start:end] = 1 if given is None else torch.as_tensor(given, dtype=torch.float32)
-        if has_behaviour[i]:
-            behaviour[i, start:end] = torch.as_tensor(behaviour_logprobs[i], dtype=torch.float32)
-        if has_reference[i]:
-            ref[i, start:end] = torch.as_tensor(ref_logprobs[i], dtype=torch.float32)
+        mask_rows.append(before + ([1.0] * len(response) if given is None else _row(given, response, "loss mask", i))
+                         + after)
+        behaviour_rows.append(before + (_row(behaviour_logprobs[i], response, "behaviour logprobs", i)
+                                        if has_behaviour[i] else [0.0] * len(response)) + after)
+        ref_rows.append(before + (_row(ref_logprobs[i], response, "reference logprobs", i)
+                                  if has_reference[i] else [0.0] * len(response)) + after)
+    tokens = torch.tensor(token_rows, dtype=torch.long)
+    attention = torch.tensor(attention_rows, dtype=torch.long)
+    mask, behaviour, ref = (torch.tensor(rows, dtype=torch.float32) for rows in (mask_rows, behaviour_rows, ref_rows))
+    has_behaviour = torch.tensor(has_behaviour, dtype=torch.bool)
+    has_reference = torch.tensor(has_reference, dtype=torch.bool)
     return (TrainInputs(tokens, attention),
             TrainTargets(mask, torch.tensor(advantages, dtype=torch.float32), behaviour, ref,
                          None if bool(has_behaviour.all()) else has_behaviour,
                          None if bool(has_reference.all()) else has_reference))
+
+
+def _values(values: Any) -> list:
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+
+
+def _row(values: Any, response: list, what: str, row: int) -> list[float]:
+    """A per-response-token list of floats, checked to be as long as the response."""
+    values = [float(v) for v in _values(values)]
+    if len(values) != len(response):
+        raise ValueError(f"collate: row {row} has {len(response)} response tokens but {len(values)} {what}; "
+                         "give one value per response token")
+    return values
