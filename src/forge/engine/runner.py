@@ -1,9 +1,9 @@
 """The native engine's device work: batched prefill and decode over a slot KV cache.
 
 The model is a causal LM of the Llama family layout (Llama, Qwen2, Qwen3; Forge's
-``forge.models.decoder`` or transformers' classes, which share it: ``model.embed_tokens``, ``model.layers[i].self_attn.{q,k,v,o}_proj`` with
-optional ``q_norm``/``k_norm``, ``mlp``, two RMSNorms, ``model.norm``, ``lm_head``,
-``model.rotary_emb``). Its modules and weights are used as they are; only attention is
+``forge.models.decoder`` or transformers' classes, which share it: ``model.embed_tokens``,
+``model.layers[i].self_attn.{q,k,v,o}_proj`` with optional ``q_norm``/``k_norm``, ``mlp``,
+two RMSNorms, ``model.norm``, ``lm_head``, ``model.rotary_emb``). Its modules and weights are used as they are; only attention is
 driven here, against a preallocated cache ``[layers][slots, kv_heads, max_len, head_dim]``.
 
 The prefix cache's K/V live here too, in a block pool ``[layers][blocks, block_size,
