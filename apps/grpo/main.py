@@ -16,7 +16,7 @@ The loop's concurrent tasks and what each waits on:
       → policy.generate_batch.route (Policy, k x n)       → trainer.push_weights.call   (shared memory)
       → reward.evaluate_groups.route                      → policy.update_weights.fanout/rolling in the
       → ref_model.forward.route  (one per prompt length)    background (run.overlap_weight_sync; awaited
-      → compute_advantages.compute_batch                    before an eval, a checkpoint, the end)
+        and compute_advantages.compute_batch, together      before an eval, a checkpoint, the end)
       → replay_buffer.add(all kept episodes)              → log the step; every run.log_every steps
                                                             drain every part's metrics; eval, checkpoint
 

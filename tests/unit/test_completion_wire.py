@@ -60,3 +60,10 @@ def test_tensors_of_other_dtypes_shapes_and_with_grad_keep_them():
     assert back[0].prompt_ids.dtype == torch.int32 and back[1].prompt_ids.dtype == torch.int64
     assert back[0].token_ids.tolist() == [5] and back[0].logprobs.tolist() == [-0.25]
     assert back[0].logprobs.dtype == torch.float64 and not back[0].logprobs.requires_grad
+    bf16 = [completion(torch.tensor([1]), [2, 3]) for _ in range(2)]
+    for c in bf16:
+        c.logprobs = c.logprobs.to(torch.bfloat16)  # numpy has no bfloat16: still travels
+    back = pickle.loads(cloudpickle.dumps(CompletionList(bf16)))
+    assert back[1].logprobs.dtype == torch.bfloat16 and back[1].logprobs.tolist() == [-0.5, -0.5]
+    one = pickle.loads(cloudpickle.dumps(bf16[0]))
+    assert one.logprobs.dtype == torch.bfloat16 and one.token_ids.tolist() == [2, 3]

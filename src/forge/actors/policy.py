@@ -118,7 +118,7 @@ def _pack_many(tensors: list[torch.Tensor]) -> tuple[str, list[int], bytes] | li
         joined = torch.cat(tensors).detach().cpu()
     except RuntimeError:  # 0-d, or on several devices
         joined = torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
-    return dtype, [t.numel() for t in tensors], joined.numpy().tobytes()
+    return dtype, [t.numel() for t in tensors], _bytes(joined)
 
 
 def _unpack_many(packed: tuple[str, list[int], bytes] | list[tuple[str, bytes]]) -> list[torch.Tensor]:
@@ -129,7 +129,14 @@ def _unpack_many(packed: tuple[str, list[int], bytes] | list[tuple[str, bytes]])
 
 
 def _pack(tensor: torch.Tensor) -> tuple[str, bytes]:
-    return str(tensor.dtype).removeprefix("torch."), tensor.detach().cpu().contiguous().numpy().tobytes()
+    return str(tensor.dtype).removeprefix("torch."), _bytes(tensor.detach().cpu())
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    import torch
+
+    # seen as bytes, since numpy has no bfloat16
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _unpack(packed: tuple[str, bytes]) -> torch.Tensor:
