@@ -349,8 +349,10 @@ def weight_files(directory: Path) -> list[Path] | None:
     return [single] if single.exists() else None
 
 
-def load_decoder(directory: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> DecoderForCausalLM:
-    """The model in ``directory`` (config.json + safetensors), in eval mode on ``device``.
+def load_decoder(directory: Path, dtype: torch.dtype, device: str | torch.device = "cpu",
+                 raw: dict[str, Any] | None = None) -> DecoderForCausalLM:
+    """The model in ``directory`` (config.json + safetensors), in eval mode on ``device``;
+    ``raw`` is its ``config.json`` when the caller has read it already.
 
     Built without a random init (``Linear``, an empty embedding) and given the file's
     tensors (each cast to ``dtype`` as it is read) as its parameters: no init work and no
@@ -359,7 +361,7 @@ def load_decoder(directory: Path, dtype: torch.dtype, device: str | torch.device
     from safetensors import safe_open
 
     directory = Path(directory)
-    raw = read_config(directory)
+    raw = read_config(directory) if raw is None else raw
     config = DecoderConfig.from_dict(raw)
     files = weight_files(directory)
     if files is None:

@@ -117,22 +117,28 @@ def model_implementation(reference: str | os.PathLike, impl: str = "auto") -> st
     import) or ``"transformers"``. ``impl="auto"`` picks Forge's decoder whenever it runs the
     model exactly (Llama, Qwen2, Qwen3 with default RoPE, safetensors) and transformers
     otherwise; ``"forge"`` refuses a model it does not cover, naming why."""
+    return _implementation(reference, impl)[0]
+
+
+def _implementation(reference: str | os.PathLike, impl: str) -> tuple[str, dict[str, Any] | None]:
+    """``model_implementation`` and, when it read it, the model's ``config.json``."""
     from forge.util.checks import check_choice
 
     check_choice("model impl", impl, MODEL_IMPLS)
     if impl == "transformers":
-        return impl
+        return impl, None
     from forge.models.decoder import read_config, unsupported_reason, weight_files
 
     path = resolve_model_path(reference)
-    problem = unsupported_reason(read_config(path))
+    raw = read_config(path)
+    problem = unsupported_reason(raw)
     if problem is None and weight_files(path) is None:
         problem = "its weights are not safetensors"
     if problem is None:
-        return "forge"
+        return "forge", raw
     if impl == "forge":
         raise ValueError(f"model impl 'forge' cannot run {path}: {problem}; set impl to 'auto' or 'transformers'")
-    return "transformers"
+    return "transformers", raw
 
 
 def import_model_code(reference: str | os.PathLike, impl: str = "auto") -> str:
@@ -151,10 +157,11 @@ def load_model(reference: str | os.PathLike, dtype: str = "float32", device: str
 
     ``impl`` as in ``model_implementation``: Forge's decoder and transformers' classes have
     the same parameter names and compute the same logits, so either serves every caller."""
-    if model_implementation(reference, impl) == "forge":
+    chosen, raw = _implementation(reference, impl)
+    if chosen == "forge":
         from forge.models.decoder import load_decoder
 
-        return load_decoder(resolve_model_path(reference), torch_dtype(dtype), device)
+        return load_decoder(resolve_model_path(reference), torch_dtype(dtype), device, raw)
     with _LOAD_LOCK:
         return _load_model(reference, dtype, device)
 
