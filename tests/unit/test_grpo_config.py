@@ -70,6 +70,7 @@ BAD = [
     (["run.export=zip"], "run.export"),
     (["run.groups_per_rollout=0"], "run.groups_per_rollout"),
     (["run.overlap_weight_sync=sometimes"], "run.overlap_weight_sync"),
+    (["replay_buffer.sampling=newest"], r"replay_buffer.sampling must be one of \['random', 'freshest'\]"),
     (["model.impl=fast"], "model.impl"),
     (["policy.engine.model_impl=transformers"], "set it once, with model.impl"),
     (["colocate=[[policy, reward]]"], "'policy' cannot share a process: it keeps its own processes"),
